@@ -1,0 +1,103 @@
+"""paca: PaCA (Partial Connection Adaptation) fine-tuning on any backend.
+
+    import paca
+    paca.use_backend("hpu")                 # or PACA_BACKEND=hpu, or auto-detection
+    model = paca.wrap(model, paca.PacaConfig(r=8, target_modules=["q_proj", "v_proj"]))
+
+``import paca`` is cheap: submodules (and torch) load on first use, and no
+backend plugin is imported until a backend is needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "PacaConfig": "paca.config",
+    "PacaModel": "paca.model",
+    "wrap": "paca.model",
+    "TargetModulesNotFoundError": "paca.model",
+    "Backend": "paca.backend_abc",
+    "BackendUnavailableError": "paca.backend_abc",
+    "UnknownBackendError": "paca._registry",
+    "BackendInfo": "paca._registry",
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from paca._registry import BackendInfo, UnknownBackendError
+    from paca.backend_abc import Backend, BackendUnavailableError
+    from paca.config import PacaConfig
+    from paca.model import PacaModel, TargetModulesNotFoundError, wrap
+
+__all__ = [
+    "Backend",
+    "BackendInfo",
+    "BackendUnavailableError",
+    "PacaConfig",
+    "PacaModel",
+    "TargetModulesNotFoundError",
+    "UnknownBackendError",
+    "backend",
+    "block_backend",
+    "get_backend",
+    "list_backends",
+    "register_backend",
+    "use_backend",
+    "wrap",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'paca' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def _reg() -> Any:
+    from paca._registry import registry
+
+    return registry()
+
+
+def use_backend(name: str | None) -> Backend | None:
+    """Select the backend for this process by name (``None`` or ``"auto"``: auto-detect).
+
+    Raises :class:`UnknownBackendError` (listing what exists) or
+    :class:`BackendUnavailableError` (saying why) when it cannot be used.
+    """
+    return _reg().use(name)
+
+
+def get_backend() -> Backend:
+    """The selected backend: explicit choice, else ``PACA_BACKEND``, else auto-detected."""
+    return _reg().current()
+
+
+def list_backends() -> list[BackendInfo]:
+    """Every discovered backend with its provider and availability."""
+    return _reg().infos()
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[Backend]:
+    """Use backend ``name`` inside a ``with`` block (this thread/context only)."""
+    with _reg().using(name) as b:
+        yield b
+
+
+def register_backend(cls: type[Backend]) -> None:
+    """Register a backend class at run time (without an installed entry point)."""
+    _reg().register(cls)
+
+
+def block_backend(name: str) -> None:
+    """Never load the plugin or backend ``name`` in this process."""
+    _reg().block(name)

@@ -1,0 +1,1 @@
+"""The ``paca`` command line: one module per subcommand."""

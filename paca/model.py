@@ -1,0 +1,374 @@
+"""Wrapping a model with PaCA: find target layers, replace them, freeze the rest.
+
+:func:`wrap` returns a :class:`PacaModel`, an ``nn.Module`` that forwards calls
+and unknown attributes to the wrapped model (so ``generate``, ``config`` and a
+``Trainer`` keep working) and adds the adapter operations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import logging
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from paca.backend_abc import Backend
+from paca.config import ALL_LINEAR, PacaConfig
+from paca.layer import PacaLayer, layer_class_for, unsupported_reason
+from paca.selection import select_columns, validate_indices
+
+logger = logging.getLogger("paca")
+
+DEFAULT_ADAPTER = "default"
+
+
+class TargetModulesNotFoundError(ValueError):
+    """``target_modules`` matched no module of the model."""
+
+
+def _matches(name: str, pattern: list[str] | str | None) -> bool:
+    if pattern is None:
+        return False
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, name) is not None
+    return any(name == p or name.endswith("." + p) for p in pattern)
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    """Names of output-embedding layers, which ``all-linear`` leaves alone (as PEFT does)."""
+    heads: set[str] = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = None
+    if callable(get_out):
+        with contextlib.suppress(Exception):
+            out = get_out()
+    for name, module in model.named_modules():
+        if (out is not None and module is out) or name.split(".")[-1] == "lm_head":
+            heads.add(name)
+    return heads
+
+
+def find_targets(model: nn.Module, config: PacaConfig) -> list[tuple[str, nn.Module]]:
+    """The ``(qualified name, module)`` pairs the config adapts, with clear errors."""
+    heads = _output_head_names(model) if config.target_modules == ALL_LINEAR else set()
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if not name or isinstance(module, PacaLayer) or _inside_paca(name, model):
+            continue
+        if _matches(name, config.exclude_modules):
+            continue
+        if config.target_modules == ALL_LINEAR:
+            if name not in heads and layer_class_for(module) is not None:
+                found.append((name, module))
+            continue
+        if _matches(name, config.target_modules):
+            if layer_class_for(module) is None:
+                if isinstance(config.target_modules, str) or _has_supported_children(module):
+                    continue  # a regex or a container match; adaptable layers match on their own
+                raise TypeError(
+                    f"target module {name!r} is a {type(module).__module__}."
+                    f"{type(module).__qualname__}, which PaCA cannot adapt: "
+                    f"{unsupported_reason(module)}. Remove it from target_modules or "
+                    f"add it to exclude_modules."
+                )
+            found.append((name, module))
+    if not found:
+        raise TargetModulesNotFoundError(_not_found_message(model, config))
+    return found
+
+
+def _has_supported_children(module: nn.Module) -> bool:
+    return any(layer_class_for(m) is not None for m in module.modules() if m is not module)
+
+
+def _inside_paca(name: str, model: nn.Module) -> bool:
+    return ".base_layer" in f".{name}" or ".paca_" in f".{name}"
+
+
+def _not_found_message(model: nn.Module, config: PacaConfig) -> str:
+    leaves = sorted(
+        {n.split(".")[-1] for n, m in model.named_modules() if n and layer_class_for(m)}
+    )
+    wanted = config.target_modules
+    hint = ""
+    if isinstance(wanted, list):
+        close = sorted({c for w in wanted for c in difflib.get_close_matches(w, leaves, n=3)})
+        if close:
+            hint = f" Did you mean: {', '.join(close)}?"
+    return (
+        f"target_modules={wanted!r} matched no adaptable module of {type(model).__name__}."
+        f"{hint} Adaptable layer names in this model: {', '.join(leaves[:40]) or 'none'}."
+    )
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+class PacaModel(nn.Module):
+    """A model whose target layers carry PaCA adapters. Create it with :func:`wrap`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: PacaConfig,
+        backend: Backend,
+        adapter_name: str = DEFAULT_ADAPTER,
+    ) -> None:
+        super().__init__()
+        if isinstance(model, PacaModel) or any(isinstance(m, PacaLayer) for m in model.modules()):
+            raise ValueError(
+                "this model is already wrapped with PaCA; add another adapter with "
+                "PacaModel.add_adapter(name, config) instead of wrapping it again"
+            )
+        self.model = model
+        self.paca_configs: dict[str, PacaConfig] = {}
+        self.active_adapter = adapter_name
+        self._backend = backend
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.add_adapter(adapter_name, config)
+
+    # --- attribute forwarding (like PeftModel) --------------------------------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    @property
+    def backend(self) -> Backend:
+        return self._backend
+
+    @property
+    def config(self) -> Any:
+        """The wrapped model's own config (transformers), if any."""
+        return getattr(self.model, "config", None)
+
+    @property
+    def paca_config(self) -> PacaConfig:
+        return self.paca_configs[self.active_adapter]
+
+    def paca_layers(self) -> Iterator[tuple[str, PacaLayer]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, PacaLayer):
+                yield name, module
+
+    # --- adapters ---------------------------------------------------------------
+    def add_adapter(self, name: str, config: PacaConfig) -> None:
+        """Add adapter ``name`` to the layers ``config`` targets (it becomes trainable)."""
+        if name in self.paca_configs:
+            raise ValueError(f"adapter {name!r} already exists; pick another name")
+        targets = find_targets(self._unwrapped_view(), config)
+        given = dict(config.indices or {})
+        for mod_name, module in targets:
+            layer = module if isinstance(module, PacaLayer) else None
+            if layer is None:
+                existing = self._existing_layer(mod_name)
+                if existing is not None:
+                    layer = existing
+                else:
+                    cls = layer_class_for(module)
+                    assert cls is not None
+                    layer = cls(module, self._backend)
+                    _set_submodule(self.model, mod_name, layer)
+            n = layer.in_features
+            if mod_name in given:
+                idx = validate_indices(given.pop(mod_name), n, mod_name)
+            else:
+                idx = select_columns(
+                    config.selection,
+                    mod_name,
+                    layer.base_layer,
+                    config.r,
+                    config.seed,
+                    n,
+                    **config.selection_options,
+                )
+            layer.add_adapter(name, idx, config.delta_dtype)
+        if given:
+            raise ValueError(
+                f"PacaConfig.indices names modules that are not targets: {sorted(given)}"
+            )
+        self.paca_configs[name] = config
+        self.set_adapter(self.active_adapter if self.active_adapter in self.paca_configs else name)
+        logger.info("PaCA adapter %r added to %d layers", name, len(targets))
+
+    def _unwrapped_view(self) -> nn.Module:
+        """The model as target matching should see it: PaCA layers as their base layers."""
+        return _BaseView(self.model)
+
+    def _existing_layer(self, name: str) -> PacaLayer | None:
+        with contextlib.suppress(AttributeError):
+            module = self.model.get_submodule(name)
+            if isinstance(module, PacaLayer):
+                return module
+        return None
+
+    def set_adapter(self, name: str) -> None:
+        """Make ``name`` the active (and only trainable) adapter."""
+        if name not in self.paca_configs:
+            raise KeyError(f"no adapter {name!r}; adapters: {sorted(self.paca_configs)}")
+        self.active_adapter = name
+        for _, layer in self.paca_layers():
+            layer.active_adapter = name if name in layer.paca_delta else None
+            for adapter, delta in layer.paca_delta.items():
+                delta.requires_grad_(adapter == name)
+
+    def delete_adapter(self, name: str) -> None:
+        if name not in self.paca_configs:
+            raise KeyError(f"no adapter {name!r}; adapters: {sorted(self.paca_configs)}")
+        for _, layer in self.paca_layers():
+            if name in layer.paca_delta:
+                layer.delete_adapter(name)
+        del self.paca_configs[name]
+        if self.active_adapter == name and self.paca_configs:
+            self.set_adapter(next(iter(self.paca_configs)))
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the pretrained model: every PaCA layer computes with its base layer only."""
+        layers = [layer for _, layer in self.paca_layers()]
+        previous = [layer.disabled for layer in layers]
+        merged = [layer for layer in layers if layer.merged_adapters]
+        if merged:
+            raise RuntimeError(
+                "cannot disable adapters while some are merged into the base weights; "
+                "call unmerge() first"
+            )
+        for layer in layers:
+            layer.disabled = True
+        try:
+            yield
+        finally:
+            for layer, was in zip(layers, previous, strict=True):
+                layer.disabled = was
+
+    # --- merge / unload -----------------------------------------------------------
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Merge adapters into the base weights (fp32 arithmetic, exact unmerge)."""
+        names = adapter_names or [self.active_adapter]
+        layers = [layer for _, layer in self.paca_layers()]
+        if safe_merge:  # check every layer before touching any weight
+            for name in names:
+                for mod_name, layer in self.paca_layers():
+                    if name in layer.paca_delta:
+                        delta = layer.paca_delta[name]
+                        if not torch.isfinite(delta).all():
+                            raise ValueError(
+                                f"refusing to merge adapter {name!r}: module {mod_name!r} has "
+                                f"NaN/Inf in its delta; no weight was changed"
+                            )
+        for name in names:
+            for layer in layers:
+                if name in layer.paca_delta:
+                    layer.merge(name, safe=safe_merge)
+
+    def unmerge(self) -> None:
+        for _, layer in self.paca_layers():
+            layer.unmerge()
+
+    def _replace_layers(self, merge: bool, safe_merge: bool = False) -> nn.Module:
+        if merge:
+            self.merge(safe_merge=safe_merge)
+        for name, layer in list(self.paca_layers()):
+            if not merge:
+                layer.unmerge()
+            _set_submodule(self.model, name, layer.base_layer)
+        model = self.model
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+
+    def merge_and_unload(self, safe_merge: bool = False) -> nn.Module:
+        """The base model with the active adapter merged in, and no PaCA layers left."""
+        return self._replace_layers(merge=True, safe_merge=safe_merge)
+
+    def unload(self) -> nn.Module:
+        """The base model with its original weights (bit-exact) and no PaCA layers."""
+        return self._replace_layers(merge=False)
+
+    # --- reporting ---------------------------------------------------------------
+    def trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, total)`` parameter counts."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.trainable_parameters()
+        print(
+            f"trainable params: {trainable:,} || all params: {total:,} || "
+            f"trainable%: {100 * trainable / max(total, 1):.4f}"
+        )
+
+    def to_backend(self, backend: Backend | str) -> PacaModel:
+        """Compute with another backend, moving the model to its device."""
+        from paca._registry import registry
+
+        b = registry().instance(backend) if isinstance(backend, str) else backend
+        self._backend = b
+        for _, layer in self.paca_layers():
+            layer.set_backend(b)
+        self.to(b.device())
+        return self
+
+
+class _BaseView(nn.Module):
+    """Presents a model with PaCA layers shown as their base layers (for re-targeting)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "_wrapped", model)
+
+    def named_modules(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, nn.Module]]:  # type: ignore[override]
+        for name, module in self._wrapped.named_modules():
+            if isinstance(module, PacaLayer):
+                yield name, module.base_layer
+            elif ".base_layer" in f".{name}" or ".paca_" in f".{name}":
+                continue
+            else:
+                yield name, module
+
+    def get_output_embeddings(self) -> Any:
+        get_out = getattr(self._wrapped, "get_output_embeddings", None)
+        return get_out() if callable(get_out) else None
+
+
+def wrap(
+    model: nn.Module,
+    config: PacaConfig | None = None,
+    *,
+    adapter_name: str = DEFAULT_ADAPTER,
+    backend: Backend | str | None = None,
+    move_to_device: bool = True,
+) -> PacaModel:
+    """Add a PaCA adapter to ``model`` and freeze everything but its deltas.
+
+    Args:
+        model: any ``nn.Module`` (a transformers model or a plain torch module).
+        config: which layers and how many columns; ``PacaConfig()`` if omitted.
+        adapter_name: name of this adapter (several can live on one model).
+        backend: backend object or name; the selected one (:func:`paca.get_backend`)
+            if omitted.
+        move_to_device: move the model to the backend's device.
+    """
+    from paca._registry import registry
+
+    reg = registry()
+    b = reg.instance(backend) if isinstance(backend, str) else (backend or reg.current())
+    if move_to_device:
+        model = model.to(b.device())
+    return PacaModel(model, config or PacaConfig(), b, adapter_name)

@@ -1,0 +1,64 @@
+"""Tiny random-init models, an offline byte tokenizer and generated data.
+
+Everything here is built locally from configs and code (no model hub, no network),
+so tests, the default ``paca run`` job and benchmarks run anywhere. This package
+depends only on torch, transformers and tokenizers, not on the rest of :mod:`paca`.
+"""
+
+from __future__ import annotations
+
+from .data import (
+    FACTS,
+    TASKS,
+    WORDS,
+    builtin_instructions_path,
+    format_example,
+    format_prompt,
+    image_dataset,
+    instruction_dataset,
+    load_jsonl,
+    save_jsonl,
+    tokenize_for_clm,
+)
+from .models import (
+    DEFAULT_ATTN,
+    TINY_MODELS,
+    build_from_config,
+    build_tiny,
+    gpt2_config,
+    llama_config,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_vit,
+    vit_config,
+)
+from .tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, byte_tokenizer
+
+__all__ = [
+    "BOS_ID",
+    "DEFAULT_ATTN",
+    "EOS_ID",
+    "FACTS",
+    "PAD_ID",
+    "TASKS",
+    "TINY_MODELS",
+    "VOCAB_SIZE",
+    "WORDS",
+    "build_from_config",
+    "build_tiny",
+    "builtin_instructions_path",
+    "byte_tokenizer",
+    "format_example",
+    "format_prompt",
+    "gpt2_config",
+    "image_dataset",
+    "instruction_dataset",
+    "llama_config",
+    "load_jsonl",
+    "save_jsonl",
+    "tiny_gpt2",
+    "tiny_llama",
+    "tiny_vit",
+    "tokenize_for_clm",
+    "vit_config",
+]
