@@ -26,26 +26,36 @@ _LAZY = {
     "BackendUnavailableError": "paca.backend_abc",
     "UnknownBackendError": "paca._registry",
     "BackendInfo": "paca._registry",
+    "load": "paca.io",
+    "AdapterMismatchError": "paca.io",
+    "export_lora": "paca.export",
+    "ExportError": "paca.export",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from paca._registry import BackendInfo, UnknownBackendError
     from paca.backend_abc import Backend, BackendUnavailableError
     from paca.config import PacaConfig
+    from paca.export import ExportError, export_lora
+    from paca.io import AdapterMismatchError, load
     from paca.model import PacaModel, TargetModulesNotFoundError, wrap
 
 __all__ = [
+    "AdapterMismatchError",
     "Backend",
     "BackendInfo",
     "BackendUnavailableError",
+    "ExportError",
     "PacaConfig",
     "PacaModel",
     "TargetModulesNotFoundError",
     "UnknownBackendError",
     "backend",
     "block_backend",
+    "export_lora",
     "get_backend",
     "list_backends",
+    "load",
     "register_backend",
     "use_backend",
     "wrap",

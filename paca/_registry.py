@@ -8,6 +8,10 @@ to import, raises from its hook, declares another API version or collides with
 another plugin's backend name is reported by its distribution name and left
 out; every other backend keeps working.
 
+Users keep plugins out with ``PACA_BLOCKED_BACKENDS`` (comma-separated backend,
+entry-point or distribution names; or :func:`paca.block_backend`) and
+``PACA_DISABLE_PLUGIN_AUTOLOAD=1`` (only backends built into paca are listed).
+
 Selection order: an explicit :func:`use_backend` / ``with paca.backend(...)``,
 then the ``PACA_BACKEND`` environment variable, then auto-detection (the
 available backend with the highest ``priority``: hpu, then cuda, then cpu).
@@ -18,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib.metadata as importlib_metadata
+import inspect
 import logging
 import os
 import threading
@@ -64,6 +69,8 @@ class PluginRecord:
     version: str
     loaded: bool = False
     error: str | None = None
+    #: Skipped on purpose (``PACA_BLOCKED_BACKENDS`` / :func:`paca.block_backend`).
+    blocked: bool = False
     backends: list[str] = field(default_factory=list)
 
     @property
@@ -121,6 +128,7 @@ class Registry:
         self._instances: dict[str, Backend] = {}
         self._explicit: str | None = None
         self._blocked: set[str] = set()
+        self._blocked_backends: dict[str, PluginRecord] = {}  # backend name -> provider
 
     # ------------------------------------------------------------------ listing
     def _listed_plugins(self) -> dict[str, list[PluginRecord]]:
@@ -148,39 +156,56 @@ class Registry:
         return plugins
 
     def _is_blocked(self, *names: str) -> bool:
-        blocked = self._blocked | _blocked_from_env()
-        return any(n in blocked for n in names)
+        """Whether any of ``names`` (plugin, backend or distribution) is on the block list."""
+        blocked = {_canonical(n) for n in self._blocked | _blocked_from_env()}
+        return any(_canonical(n) in blocked for n in names)
 
     # ------------------------------------------------------------------ loading
     def _load(self, record: PluginRecord) -> None:
-        if record.loaded or record.error is not None:
+        if record.loaded or record.error is not None or record.blocked:
             return
-        if self._is_blocked(record.name):
-            record.error = f"blocked by {BLOCKED_ENV} or paca.block_backend()"
+        if self._is_blocked(record.name, record.distribution):
+            record.blocked = True
             return
         try:
             ep = importlib_metadata.EntryPoint(
                 record.name, record.value, hookspecs.ENTRY_POINT_GROUP
             )
             plugin = ep.load()
-        except Exception as exc:  # a broken plugin must never break the others
+        except (Exception, SystemExit) as exc:  # a broken plugin must never break the others
             self._fail(record, f"failed to import {record.value!r}: {type(exc).__name__}: {exc}")
             return
         try:
-            self._pm.register(plugin, name=f"{record.distribution}:{record.name}")
-        except Exception as exc:
+            if not self._pm.is_registered(plugin):  # two entry points may share a module
+                self._pm.register(plugin, name=f"{record.distribution}:{record.name}")
+        except Exception as exc:  # e.g. pluggy.PluginValidationError: wrong hook signature
             self._fail(record, f"could not be registered: {type(exc).__name__}: {exc}")
             return
+        impls = [i for i in self._pm.hook.paca_backends.get_hookimpls() if i.plugin is plugin]
+        if not impls:
+            self._fail(
+                record,
+                f"{record.value!r} defines no paca_backends() hook; decorate it with "
+                f"@paca.hookspecs.hookimpl and check the spelling",
+            )
+            return
         record.loaded = True
-        for impl in self._pm.hook.paca_backends.get_hookimpls():
-            if impl.plugin is plugin:
-                try:
-                    classes = list(impl.function() or [])
-                except Exception as exc:
-                    self._fail(record, f"paca_backends() raised {type(exc).__name__}: {exc}")
-                    return
-                for cls in classes:
-                    self._add(cls, record)
+        for impl in impls:
+            try:
+                classes = impl.function()
+            except (Exception, SystemExit) as exc:
+                self._fail(record, f"paca_backends() raised {type(exc).__name__}: {exc}")
+                return
+            if classes is None:
+                continue
+            if not isinstance(classes, (list, tuple)):
+                self._fail(
+                    record,
+                    f"paca_backends() returned {classes!r}; return a list of Backend classes",
+                )
+                return
+            for cls in classes:
+                self._add(cls, record)
 
     def _fail(self, record: PluginRecord, message: str) -> None:
         record.error = message
@@ -199,14 +224,23 @@ class Registry:
             )
             return
         if self._is_blocked(name):
+            self._blocked_backends[name] = record
             return
         version = getattr(cls, "api_version", None)
+        reason = None
         if version != BACKEND_API_VERSION:
             reason = (
                 f"written for paca backend API v{version}, but this paca speaks "
                 f"v{BACKEND_API_VERSION}; install a version of {record.distribution} made for "
                 f"this paca"
             )
+        elif inspect.isabstract(cls):
+            missing = ", ".join(sorted(getattr(cls, "__abstractmethods__", ())))
+            reason = (
+                f"does not implement the Backend methods {missing}; {record.distribution} is "
+                f"incomplete or made for another paca version"
+            )
+        if reason is not None:
             self._rejected[name] = _info(name, cls, record, available=False, reason=reason)
             warnings.warn(
                 f"paca: {record.label}: backend {name!r} {reason}", PluginLoadWarning, stacklevel=4
@@ -286,6 +320,20 @@ class Registry:
         self.load_all()
         return [r for rs in self._listed_plugins().values() for r in rs if r.error]
 
+    def blocked(self) -> list[str]:
+        """What the block list kept out, as readable labels (plugins and backend names)."""
+        self.load_all()
+        labels = [r.label for rs in self._listed_plugins().values() for r in rs if r.blocked]
+        labels += [
+            f"backend {n!r} from {r.distribution}"
+            for n, r in sorted(self._blocked_backends.items())
+        ]
+        return labels
+
+    def autoload_disabled(self) -> bool:
+        """Whether ``PACA_DISABLE_PLUGIN_AUTOLOAD`` kept third-party plugins out."""
+        return _env_flag(DISABLE_AUTOLOAD_ENV)
+
     def instance(self, name: str) -> Backend:
         """The (cached) instance of backend ``name``; clear errors if it cannot be had."""
         with self._lock:
@@ -293,6 +341,12 @@ class Registry:
                 return self._instances[name]
             entry = self._find(name)
             if entry is None:
+                rejected = self._rejected.get(name)
+                if rejected is not None:  # found, but incompatible: say so, not "unknown"
+                    raise BackendUnavailableError(
+                        f"paca backend {name!r} from {rejected.distribution} {rejected.version} "
+                        f"cannot be used: {rejected.reason}."
+                    )
                 raise UnknownBackendError(self._unknown_message(name))
             reason = _availability(entry.cls)[1]
             if reason is not None:

@@ -5,7 +5,9 @@ which gradients exist). A backend decides *how* a device computes those few
 primitives and what has to happen at step boundaries (Gaudi lazy mode needs
 ``mark_step``; CUDA does not). Keep this interface small: every method here is a
 promise every backend, including third-party plugins, must keep and the
-conformance suite in :mod:`paca.testing` checks.
+conformance suite in :mod:`paca.testing` checks (``paca.testing.check_backend(name)``
+reports which contract item a backend breaks and why). The walk-through and the
+reference for every member are in ``docs/writing-a-backend.md``.
 """
 
 from __future__ import annotations
@@ -95,7 +97,11 @@ class Backend(ABC):
     # ------------------------------------------------------- compute primitives
     @abstractmethod
     def gather(self, x: torch.Tensor, idx: torch.Tensor, dim: int = -1) -> torch.Tensor:
-        """``x.index_select(dim, idx)`` as a contiguous tensor (the saved activation)."""
+        """``x.index_select(dim, idx)`` as a contiguous tensor (the saved activation).
+
+        It must own its storage: a view into a larger tensor would keep all of ``x``
+        alive for backward and defeat PaCA's memory saving. Exact.
+        """
 
     @abstractmethod
     def effective_weight(
@@ -127,6 +133,58 @@ class Backend(ABC):
     @abstractmethod
     def write_columns(self, weight: torch.Tensor, idx: torch.Tensor, columns: torch.Tensor) -> None:
         """In place: ``weight[:, idx] = columns`` (used by merge/unmerge, never in training)."""
+
+    # ------------------------------------------ convolution primitives (optional)
+    # Non-abstract on purpose: plain torch is right on every device torch supports, so a
+    # third-party backend only overrides these when it has something faster. ``stride``,
+    # ``padding`` and ``dilation`` are 2-tuples of ints; ``groups`` is always 1.
+    def conv2d(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        dilation: tuple[int, int],
+    ) -> torch.Tensor:
+        """The forward convolution ``conv2d(x, weight, bias)`` (``x`` is ``(N, C, H, W)``)."""
+        import torch.nn.functional as F
+
+        return F.conv2d(x, weight, bias, stride, padding, dilation)
+
+    def conv2d_input_grad(
+        self,
+        grad_out: torch.Tensor,
+        weight: torch.Tensor,
+        input_shape: tuple[int, ...],
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        dilation: tuple[int, int],
+    ) -> torch.Tensor:
+        """Gradient of the conv input of shape ``input_shape`` (needs no saved input)."""
+        import torch
+
+        return torch.nn.grad.conv2d_input(input_shape, weight, grad_out, stride, padding, dilation)
+
+    def conv2d_delta_grad(
+        self,
+        grad_out: torch.Tensor,
+        x_sel: torch.Tensor,
+        delta_shape: tuple[int, ...],
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        dilation: tuple[int, int],
+    ) -> torch.Tensor:
+        """Kernel gradient for the ``r`` selected input channels ``x_sel`` ``(N, r, H, W)``.
+
+        Returns ``delta_shape`` = ``(out, r, kh, kw)`` in fp32, accumulated in fp32. It
+        equals the slice ``[:, idx]`` of the dense kernel gradient.
+        """
+        import torch
+
+        return torch.nn.grad.conv2d_weight(
+            x_sel.float(), delta_shape, grad_out.float(), stride, padding, dilation
+        )
 
     # ------------------------------------------------- step and graph-mode hooks
     #: Set True when :meth:`on_backward_end` / :meth:`on_optimizer_step` do

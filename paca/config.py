@@ -29,8 +29,11 @@ class PacaConfig:
         exclude_modules: same forms as ``target_modules``; matches are never adapted.
         seed: seed of the column choice; same seed + same module name gives the same
             columns on every machine and backend.
-        selection: column-selection strategy (``"random"``, see :mod:`paca.selection`).
-        selection_options: keyword options of the strategy.
+        selection: column-selection strategy: ``"random"`` (paper default),
+            ``"weight_norm"`` or ``"gradient"`` (see :mod:`paca.selection`); recorded with a
+            saved adapter, whose saved indices are nevertheless what a reload uses.
+        selection_options: keyword options of the strategy (JSON values, e.g.
+            ``{"largest": False}``).
         indices: explicit columns per module name; these override ``selection``.
         delta_dtype: dtype of the trainable ``delta`` (``"float32"`` keeps fp32 master
             values for a bf16/fp16 model, like PEFT's adapter autocast); ``None`` uses the
@@ -62,6 +65,15 @@ class PacaConfig:
                 f"PacaConfig.delta_dtype must be one of {sorted(_DTYPES)} or None, "
                 f"got {self.delta_dtype!r}"
             )
+        if not isinstance(self.selection, str):
+            raise TypeError(f"PacaConfig.selection must be a strategy name, got {self.selection!r}")
+        try:  # the config is saved next to the adapter, so it must be plain JSON
+            json.dumps(self.selection_options)
+        except TypeError as e:
+            raise TypeError(
+                f"PacaConfig.selection_options must be JSON values (it is saved with the "
+                f"adapter): {e}. Pass data such as calibration batches to paca.wrap instead."
+            ) from None
         if self.indices is not None:
             self.indices = {k: [int(i) for i in v] for k, v in self.indices.items()}
 

@@ -10,6 +10,18 @@ The entry point's name should be the name of the backend it provides: paca loads
 only the entry point it needs when a backend is asked for by name, so a broken
 or slow plugin costs nothing until it is used. Built-in backends register
 exactly the same way.
+
+What paca does with a plugin that misbehaves (each case is reported with the
+plugin's distribution name and version, and no other backend is affected): a
+module that raises (even ``SystemExit``) on import, a hook that raises or returns
+something other than a list of Backend classes, a module without a ``@hookimpl``
+``paca_backends``, a class for another backend API version or with unimplemented
+primitives, a backend name another distribution already provides. Users can
+switch plugins off with ``PACA_BLOCKED_BACKENDS`` (backend, entry-point or
+distribution names) or ``PACA_DISABLE_PLUGIN_AUTOLOAD=1`` (built-ins only).
+
+See ``docs/writing-a-backend.md`` for a walk-through and the full reference, and
+:mod:`paca.testing` for the conformance suite every backend should pass.
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ PROJECT_NAME = "paca"
 ENTRY_POINT_GROUP = "paca.backends"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+#: Decorate a plugin's hook functions with this: ``@hookimpl def paca_backends(): ...``
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 

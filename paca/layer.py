@@ -13,13 +13,13 @@ Layer types register with :func:`register_layer_type`; the model wrapper asks
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from paca.backend_abc import Backend
-from paca.ops import paca_linear
+from paca.ops import backend_key, paca_linear
 from paca.steps import tag_parameter
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -57,6 +57,9 @@ class BufferDict(nn.Module):
 class PacaLayer(nn.Module):
     """Common adapter bookkeeping; subclasses say how their weight maps to (out, in)."""
 
+    #: Whether ``target_modules="all-linear"`` adapts this layer type (Linear, Conv1D).
+    linear_like: ClassVar[bool] = True
+
     def __init__(self, base_layer: nn.Module, backend: Backend) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -67,6 +70,18 @@ class PacaLayer(nn.Module):
         self.disabled = False
         self.merged_adapters: list[str] = []
         self.backend = backend
+        backend_key(backend)  # known to the custom op before any torch.compile trace
+
+    def __getattr__(self, name: str) -> Any:
+        """Attributes the layer lacks come from the base layer (``weight``, ``bias``,
+        ``kernel_size`` ...): model code that reads them keeps working, as with PEFT."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_modules", {}).get("base_layer")
+            if base is None or name.startswith("paca_") or name == "base_layer":
+                raise
+            return getattr(base, name)
 
     # --- what subclasses define -------------------------------------------------
     @property
@@ -80,7 +95,11 @@ class PacaLayer(nn.Module):
 
     def weight_oi(self) -> torch.Tensor:
         """The base weight as an ``(out, in, *kernel)`` view (no copy)."""
-        return self.base_layer.weight
+        return self.oi_view(self.base_layer.weight)
+
+    def oi_view(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor laid out like the base weight (e.g. its gradient) as ``(out, in, ...)``."""
+        return t
 
     def paca_forward(self, x: torch.Tensor, delta: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -109,6 +128,7 @@ class PacaLayer(nn.Module):
 
     def set_backend(self, backend: Backend) -> None:
         self.backend = backend
+        backend_key(backend)  # known to the custom op before any torch.compile trace
         for p in self.paca_delta.values():
             tag_parameter(p, backend)
 
@@ -224,4 +244,13 @@ def unsupported_reason(module: nn.Module) -> str:
             f"({module.out_features}, {module.in_features}) (a quantized or sharded layer?); "
             f"quantized bases need a backend with the 'nf4' capability"
         )
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        return (
+            f"it is a grouped or depthwise convolution (groups={module.groups}); PaCA trains "
+            f"whole input channels shared by every output channel and supports groups=1 only"
+        )
     return f"PaCA supports {', '.join(supported_type_names())}"
+
+
+# Conv1D / Conv2d layers register themselves on import (after the base classes exist).
+from paca import layers_conv as _layers_conv  # noqa: E402,F401

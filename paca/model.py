@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +22,12 @@ from torch import nn
 from paca.backend_abc import Backend
 from paca.config import ALL_LINEAR, PacaConfig
 from paca.layer import PacaLayer, layer_class_for, unsupported_reason
-from paca.selection import select_columns, validate_indices
+from paca.selection import (
+    gradient_scores,
+    select_columns,
+    strategy_needs_calibration,
+    validate_indices,
+)
 
 logger = logging.getLogger("paca")
 
@@ -63,7 +70,8 @@ def find_targets(model: nn.Module, config: PacaConfig) -> list[tuple[str, nn.Mod
         if _matches(name, config.exclude_modules):
             continue
         if config.target_modules == ALL_LINEAR:
-            if name not in heads and layer_class_for(module) is not None:
+            cls = layer_class_for(module)
+            if name not in heads and cls is not None and cls.linear_like:
                 found.append((name, module))
             continue
         if _matches(name, config.target_modules):
@@ -112,6 +120,30 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _call_wrapped(self: PacaModel, *args: Any, **kwargs: Any) -> Any:
+    return self.model(*args, **kwargs)
+
+
+class _ForwardingForward:
+    """``PacaModel.forward``: calls the wrapped model. On an instance it carries the wrapped
+    model's signature (``__wrapped__``), so tools that inspect ``model.forward``
+    (transformers' Trainer keeps only dataset columns the forward names) see the real
+    arguments instead of ``*args, **kwargs``."""
+
+    def __get__(self, obj: PacaModel | None, objtype: type | None = None) -> Callable[..., Any]:
+        if obj is None:
+            return _call_wrapped
+        model = obj.model
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return model(*args, **kwargs)
+
+        inner = getattr(model, "forward", None)
+        if inner is not None:
+            functools.update_wrapper(forward, inner, updated=())
+        return forward
+
+
 class PacaModel(nn.Module):
     """A model whose target layers carry PaCA adapters. Create it with :func:`wrap`."""
 
@@ -121,6 +153,9 @@ class PacaModel(nn.Module):
         config: PacaConfig,
         backend: Backend,
         adapter_name: str = DEFAULT_ADAPTER,
+        *,
+        calibration: Iterable[Any] | None = None,
+        loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(model, PacaModel) or any(isinstance(m, PacaLayer) for m in model.modules()):
@@ -132,9 +167,15 @@ class PacaModel(nn.Module):
         self.paca_configs: dict[str, PacaConfig] = {}
         self.active_adapter = adapter_name
         self._backend = backend
-        for p in model.parameters():
+        frozen = [(p, p.requires_grad) for p in model.parameters()]
+        for p, _ in frozen:
             p.requires_grad_(False)
-        self.add_adapter(adapter_name, config)
+        try:
+            self.add_adapter(adapter_name, config, calibration=calibration, loss_fn=loss_fn)
+        except BaseException:
+            for p, was in frozen:  # leave the user's model as it was
+                p.requires_grad_(was)
+            raise
 
     # --- attribute forwarding (like PeftModel) --------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -145,8 +186,80 @@ class PacaModel(nn.Module):
                 raise
             return getattr(self.model, name)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
+    forward = _ForwardingForward()
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model (with its PaCA layers in place), as PEFT's ``get_base_model``."""
+        return self.model
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter]
+
+    # --- gradient checkpointing (transformers models) ------------------------------
+    def enable_input_require_grads(self) -> None:
+        """Make the input-embedding output require grad, so that reentrant checkpointing
+        still back-propagates into the PaCA layers although the embeddings are frozen."""
+        fn = getattr(self.model, "enable_input_require_grads", None)
+        if callable(fn):
+            fn()
+            return
+        get_in = getattr(self.model, "get_input_embeddings", None)
+        emb = get_in() if callable(get_in) else None
+        if emb is None:
+            raise ValueError(
+                f"{type(self.model).__name__} has no get_input_embeddings(); make the first "
+                f"checkpointed segment's input require grad yourself or use use_reentrant=False"
+            )
+
+        def hook(_m: nn.Module, _i: Any, out: torch.Tensor) -> None:
+            out.requires_grad_(True)
+
+        self._input_grad_hook = emb.register_forward_hook(hook)
+
+    def activation_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
+        """Turn on the wrapped model's activation checkpointing and make checkpointed
+        segments see inputs that require grad (frozen embeddings otherwise cut the graph
+        under reentrant checkpointing)."""
+        self._enable_checkpointing("activation_checkpointing_enable", args, kwargs)
+
+    def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
+        """Older name of :meth:`activation_checkpointing_enable` (transformers < 5)."""
+        self._enable_checkpointing("gradient_checkpointing_enable", args, kwargs)
+
+    def _enable_checkpointing(self, method: str, args: Any, kwargs: dict[str, Any]) -> None:
+        fn = getattr(self.model, method, None)
+        if not callable(fn):
+            raise AttributeError(
+                f"{type(self.model).__name__} has no {method}(); wrap its blocks with "
+                f"torch.utils.checkpoint yourself"
+            )
+        fn(*args, **kwargs)
+        self.enable_input_require_grads()
+
+    # --- save / load ------------------------------------------------------------------
+    def save_pretrained(
+        self, save_directory: str | Path, adapter_name: str | None = None, **kwargs: Any
+    ) -> None:
+        """Write the adapter (``adapter_model.safetensors`` + ``paca_config.json``) atomically.
+
+        Only deltas and indices are written, never base weights. With ``adapter_name=None``
+        the active adapter goes to ``save_directory`` and every other adapter to
+        ``save_directory/<name>/``. transformers' extra keyword arguments are accepted
+        (``state_dict``: deltas are taken from it when it holds them;
+        ``is_main_process=False``: write nothing); see :func:`paca.io.save_adapter`.
+        """
+        from paca.io import save_pretrained
+
+        save_pretrained(self, save_directory, adapter_name, **kwargs)
+
+    def load_adapter(
+        self, directory: str | Path, adapter_name: str, is_trainable: bool = False
+    ) -> None:
+        """Add the adapter saved in ``directory`` as ``adapter_name`` (see :func:`paca.load`)."""
+        from paca.io import load_adapter
+
+        load_adapter(self, directory, adapter_name, is_trainable=is_trainable)
 
     @property
     def backend(self) -> Backend:
@@ -167,41 +280,77 @@ class PacaModel(nn.Module):
                 yield name, module
 
     # --- adapters ---------------------------------------------------------------
-    def add_adapter(self, name: str, config: PacaConfig) -> None:
-        """Add adapter ``name`` to the layers ``config`` targets (it becomes trainable)."""
+    def add_adapter(
+        self,
+        name: str,
+        config: PacaConfig,
+        *,
+        calibration: Iterable[Any] | None = None,
+        loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    ) -> None:
+        """Add adapter ``name`` to the layers ``config`` targets (it becomes trainable).
+
+        ``calibration`` (batches) and ``loss_fn`` feed strategies that look at gradients
+        (``selection="gradient"``). On any error the model is left as it was.
+        """
         if name in self.paca_configs:
             raise ValueError(f"adapter {name!r} already exists; pick another name")
         targets = find_targets(self._unwrapped_view(), config)
         given = dict(config.indices or {})
-        for mod_name, module in targets:
-            layer = module if isinstance(module, PacaLayer) else None
-            if layer is None:
-                existing = self._existing_layer(mod_name)
-                if existing is not None:
-                    layer = existing
-                else:
+        unknown = sorted(set(given) - {n for n, _ in targets})
+        if unknown:
+            raise ValueError(
+                f"PacaConfig.indices names modules that are not targets: {unknown}; "
+                f"targets are: {[n for n, _ in targets][:20]}"
+            )
+        created: list[tuple[str, PacaLayer]] = []
+        layers: dict[str, PacaLayer] = {}
+        try:
+            for mod_name, module in targets:
+                layer = self._existing_layer(mod_name)
+                if layer is None:
                     cls = layer_class_for(module)
                     assert cls is not None
                     layer = cls(module, self._backend)
                     _set_submodule(self.model, mod_name, layer)
-            n = layer.in_features
-            if mod_name in given:
-                idx = validate_indices(given.pop(mod_name), n, mod_name)
-            else:
-                idx = select_columns(
-                    config.selection,
-                    mod_name,
-                    layer.base_layer,
-                    config.r,
-                    config.seed,
-                    n,
-                    **config.selection_options,
+                    created.append((mod_name, layer))
+                layers[mod_name] = layer
+            scores: dict[str, torch.Tensor] = {}
+            pending = [n for n in layers if n not in given]
+            if pending and strategy_needs_calibration(config.selection):
+                if calibration is None:
+                    raise ValueError(
+                        f"selection={config.selection!r} needs calibration batches: pass "
+                        f"calibration=[batch, ...] (and loss_fn= if the model output has no "
+                        f".loss) to paca.wrap or PacaModel.add_adapter"
+                    )
+                scores = gradient_scores(
+                    self.model, {n: layers[n] for n in pending}, calibration, loss_fn
                 )
-            layer.add_adapter(name, idx, config.delta_dtype)
-        if given:
-            raise ValueError(
-                f"PacaConfig.indices names modules that are not targets: {sorted(given)}"
-            )
+            for mod_name, layer in layers.items():
+                n = layer.in_features
+                if mod_name in given:
+                    idx = validate_indices(given[mod_name], n, mod_name)
+                else:
+                    extra = {"scores": scores[mod_name]} if mod_name in scores else {}
+                    idx = select_columns(
+                        config.selection,
+                        mod_name,
+                        layer,
+                        config.r,
+                        config.seed,
+                        n,
+                        **config.selection_options,
+                        **extra,
+                    )
+                layer.add_adapter(name, idx, config.delta_dtype)
+        except BaseException:
+            for layer in layers.values():
+                if name in layer.paca_delta:
+                    layer.delete_adapter(name)
+            for mod_name, layer in created:
+                _set_submodule(self.model, mod_name, layer.base_layer)
+            raise
         self.paca_configs[name] = config
         self.set_adapter(self.active_adapter if self.active_adapter in self.paca_configs else name)
         logger.info("PaCA adapter %r added to %d layers", name, len(targets))
@@ -354,6 +503,8 @@ def wrap(
     adapter_name: str = DEFAULT_ADAPTER,
     backend: Backend | str | None = None,
     move_to_device: bool = True,
+    calibration: Iterable[Any] | None = None,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
 ) -> PacaModel:
     """Add a PaCA adapter to ``model`` and freeze everything but its deltas.
 
@@ -364,6 +515,9 @@ def wrap(
         backend: backend object or name; the selected one (:func:`paca.get_backend`)
             if omitted.
         move_to_device: move the model to the backend's device.
+        calibration: batches for ``selection="gradient"`` (dicts are passed as keyword
+            arguments, tuples/lists as positional ones, anything else as one argument).
+        loss_fn: ``loss_fn(output, batch) -> loss`` for calibration; default ``output.loss``.
     """
     from paca._registry import registry
 
@@ -371,4 +525,6 @@ def wrap(
     b = reg.instance(backend) if isinstance(backend, str) else (backend or reg.current())
     if move_to_device:
         model = model.to(b.device())
-    return PacaModel(model, config or PacaConfig(), b, adapter_name)
+    return PacaModel(
+        model, config or PacaConfig(), b, adapter_name, calibration=calibration, loss_fn=loss_fn
+    )

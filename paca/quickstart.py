@@ -1,26 +1,41 @@
 """The embedded default job behind a bare ``paca run``: no downloads, a few minutes on CPU.
 
-A tiny LLaMA-architecture model is built from a config (random init) and fine-tuned
-with PaCA on the built-in generated instruction data; the loss before and after and
-the trainable-parameter count are reported.
+It is an ordinary experiment (the shipped ``paca/experiments/tiny.toml``): a tiny
+LLaMA-architecture model built from a config (random init) fine-tuned with PaCA on the
+built-in generated instruction data, through the same runner as every experiment file.
+The held-out loss before and after and the trainable-parameter count are reported.
 """
 
 from __future__ import annotations
 
 import logging
-import time
+import tempfile
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
-import torch
+from paca.experiment.schema import Experiment, load_experiment, shipped_experiments
 
 logger = logging.getLogger("paca.quickstart")
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEFAULT_EXPERIMENT = "tiny"
+
+
+def default_experiment_path() -> Path:
+    """The shipped file of the default experiment."""
+    return shipped_experiments()[DEFAULT_EXPERIMENT]
+
+
+def default_experiment(overrides: dict[str, Any] | None = None) -> Experiment:
+    """The default experiment, with dotted-key ``overrides`` (``{"train.steps": 20}``)."""
+    return load_experiment(default_experiment_path(), overrides)
 
 
 @dataclass
 class QuickstartSettings:
+    """The knobs of the default job most worth turning (the rest: ``tiny.toml``)."""
+
     steps: int = 200
     batch_size: int = 8
     seq_len: int = 64
@@ -30,69 +45,47 @@ class QuickstartSettings:
     examples: int = 2000
     eval_batches: int = 4
 
-
-def _mean_loss(
-    model: torch.nn.Module, data: dict[str, torch.Tensor], batches: int, bs: int
-) -> float:
-    model.eval()
-    with torch.no_grad():
-        losses = [
-            float(model(**{k: v[i * bs : (i + 1) * bs] for k, v in data.items()}).loss)
-            for i in range(batches)
-        ]
-    model.train()
-    return sum(losses) / len(losses)
+    def overrides(self) -> dict[str, Any]:
+        return {
+            "train.steps": self.steps,
+            "train.batch_size": self.batch_size,
+            "data.seq_len": self.seq_len,
+            "method.r": self.r,
+            "train.lr": self.lr,
+            "seed": self.seed,
+            "data.max_train_samples": self.examples,
+            "data.max_eval_samples": self.eval_batches * self.batch_size,
+        }
 
 
 def run_quickstart(
-    settings: QuickstartSettings | None = None, backend: str | None = None, progress: bool = True
+    settings: QuickstartSettings | None = None,
+    backend: str | None = None,
+    progress: bool = True,
+    run_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune the tiny default model; returns losses, counts and timings."""
-    from tqdm.auto import tqdm
+    """Fine-tune the tiny default model; returns losses, counts and timings.
 
-    import paca
-    from paca.tiny import byte_tokenizer, instruction_dataset, tiny_llama, tokenize_for_clm
+    ``run_dir``: where to keep the run folder (default: a temporary one, removed after).
+    """
+    from paca.experiment.runner import run_experiment
 
     s = settings or QuickstartSettings()
-    torch.manual_seed(s.seed)
-    b = paca.use_backend(backend) if backend else paca.get_backend()
-    tok = byte_tokenizer()
-    model = tiny_llama(vocab_size=len(tok), seed=s.seed)
-    device = b.device()
-    train = tokenize_for_clm(instruction_dataset(s.examples, seed=s.seed), tok, seq_len=s.seq_len)
-    held_out = tokenize_for_clm(
-        instruction_dataset(s.eval_batches * s.batch_size, seed=s.seed + 1), tok, seq_len=s.seq_len
-    )
-    train = {k: v.to(device) for k, v in train.items()}
-    held_out = {k: v.to(device) for k, v in held_out.items()}
-
-    pm = paca.wrap(
-        model, paca.PacaConfig(r=s.r, target_modules=LLAMA_TARGETS, seed=s.seed), backend=b
-    )
-    trainable, total = pm.trainable_parameters()
-    loss_before = _mean_loss(pm, held_out, s.eval_batches, s.batch_size)
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=s.lr)
-    n = train["input_ids"].shape[0]
-    start = time.perf_counter()
-    bar = tqdm(range(s.steps), desc=f"PaCA r={s.r} on {b.name}", disable=not progress)
-    for step in bar:
-        i = (step * s.batch_size) % (n - s.batch_size + 1)
-        loss = pm(**{k: v[i : i + s.batch_size] for k, v in train.items()}).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    b.synchronize()
-    seconds = time.perf_counter() - start
-    loss_after = _mean_loss(pm, held_out, s.eval_batches, s.batch_size)
+    exp = default_experiment(s.overrides())
+    with tempfile.TemporaryDirectory(prefix="paca-quickstart-") as tmp:
+        folder = Path(run_dir) if run_dir is not None else Path(tmp) / "run"
+        result = run_experiment(exp, backend=backend, run_dir=folder, progress=progress)
+    summary = result.summary
+    seconds = summary.get("train_seconds") or float("nan")
     return {
-        "backend": b.name,
+        "backend": summary["backend"],
         "settings": asdict(s),
-        "trainable_params": trainable,
-        "total_params": total,
-        "loss_before": loss_before,
-        "loss_after": loss_after,
+        "trainable_params": summary["trainable_params"],
+        "total_params": summary["total_params"],
+        "loss_before": summary["eval_loss_before"],
+        "loss_after": summary["eval_loss"],
         "train_seconds": seconds,
-        "steps_per_second": s.steps / seconds,
+        "steps_per_second": summary["steps"] / seconds,
+        "run_dir": str(result.run_dir) if run_dir is not None else None,
+        "summary": summary,
     }

@@ -17,10 +17,11 @@ import pytest
 import torch
 
 FAKE_SDK_DIR = str(Path(__file__).resolve().parent / "fake_sdk")
-if FAKE_SDK_DIR not in sys.path:
-    sys.path.insert(0, FAKE_SDK_DIR)
 
-import loader  # noqa: E402
+# Not put on sys.path for the whole session: with the fake importable, every later test
+# would see an installed Gaudi SDK and auto-detection would pick the hpu backend.
+# load_fake_sdk() adds the directory while the fake is loaded and unload removes it.
+from fake_sdk import loader  # noqa: E402
 
 
 @pytest.fixture

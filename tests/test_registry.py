@@ -163,7 +163,8 @@ def test_api_version_mismatch_and_duplicates_are_reported(plugin_path):
 def test_disable_autoload_and_block_list(monkeypatch, plugin_path):
     make_distribution(plugin_path, "paca-toy", {"toy": "toy_plugin"}, {"toy_plugin": GOOD_PLUGIN})
     monkeypatch.setenv("PACA_DISABLE_PLUGIN_AUTOLOAD", "1")
-    assert {i.name for i in paca.list_backends()} == {"cpu"}
+    names = {i.name for i in paca.list_backends()}
+    assert "cpu" in names and not names & {"toy", "toy-off"}  # built-ins only
     monkeypatch.delenv("PACA_DISABLE_PLUGIN_AUTOLOAD")
     from paca._registry import reset_registry
 

@@ -1,75 +1,166 @@
-"""``paca backends``: list discovered backends, their providers and availability."""
+"""``paca backends``: every discovered backend, who provides it, whether it can run here,
+which one is selected and why, and every plugin problem (duplicates, load errors, blocks).
+
+Exit status: 0, or 1 when the backend that would be selected cannot be used (an unknown
+``PACA_BACKEND``, an unavailable ``--backend``), so scripts can check a machine with it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import warnings
+from dataclasses import dataclass, field
 from typing import Any
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("backends", help="list discovered backends and which one is selected")
+    p = sub.add_parser(
+        "backends",
+        help="list discovered backends, their providers, and which one is selected and why",
+        description=__doc__,
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--backend",
+        metavar="NAME",
+        help="show the selection as if NAME were chosen explicitly (checks that it can run)",
+    )
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+@dataclass
+class Listing:
+    """Everything ``paca backends`` reports, gathered once from the registry."""
+
+    backends: list[Any]
+    selected: str | None
+    why: str
+    problem: str | None  # why the selected backend cannot be used, if it cannot
+    duplicates: list[str] = field(default_factory=list)
+    plugin_errors: list[dict[str, str]] = field(default_factory=list)
+    blocked: list[str] = field(default_factory=list)
+    autoload_disabled: bool = False
+
+
+def gather(explicit: str | None = None) -> Listing:
+    """Ask the registry for everything (plugin warnings are collected, not printed twice)."""
     from paca._registry import registry
 
     reg = registry()
-    infos = reg.infos()
-    try:
-        selected, why = reg.selection()
-    except Exception as exc:  # no backend at all is still worth listing
-        selected, why = None, f"none: {exc}"
-    errors = reg.plugin_errors()
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "selected": selected,
-                    "why": why,
-                    "backends": [
-                        {
-                            "name": i.name,
-                            "distribution": i.distribution,
-                            "version": i.version,
-                            "available": i.available,
-                            "reason": i.reason,
-                            "priority": i.priority,
-                            "capabilities": sorted(i.capabilities),
-                            "duplicates": list(i.duplicates),
-                        }
-                        for i in infos
-                    ],
-                    "plugin_errors": [
-                        {"plugin": r.name, "distribution": r.distribution, "error": r.error}
-                        for r in errors
-                    ],
-                },
-                indent=2,
-            )
-        )
-        return 0
-    rows = [("", "NAME", "PROVIDED BY", "AVAILABLE", "PRIORITY", "CAPABILITIES")]
-    for i in infos:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # each problem is listed below instead
+        infos = reg.infos()
+        errors = reg.plugin_errors()
+        blocked = reg.blocked()
+    by_name = {i.name: i for i in infos}
+    problem = None
+    if explicit is not None:
+        selected, why = explicit, "explicit (--backend)"
+    else:
+        try:
+            selected, why = reg.selection()
+        except Exception as exc:  # nothing available at all is still worth listing
+            selected, why, problem = None, "none", str(exc)
+    if selected is not None and problem is None:
+        info = by_name.get(selected)
+        if info is None:
+            problem = f"no installed plugin provides a backend named {selected!r}"
+        elif not info.available:
+            problem = f"{selected!r} is not available here: {info.reason}"
+    duplicates = [
+        f"backend {i.name!r} is provided by {i.distribution} {i.version} (used) and by {dup} "
+        f"(ignored)"
+        for i in infos
+        for dup in i.duplicates
+    ]
+    return Listing(
+        backends=infos,
+        selected=selected,
+        why=why,
+        problem=problem,
+        duplicates=duplicates,
+        plugin_errors=[
+            {
+                "plugin": r.name,
+                "distribution": r.distribution,
+                "version": r.version,
+                "error": r.error or "",
+            }
+            for r in errors
+        ],
+        blocked=blocked,
+        autoload_disabled=reg.autoload_disabled(),
+    )
+
+
+def as_json(listing: Listing) -> dict[str, Any]:
+    return {
+        "selected": listing.selected,
+        "why": listing.why,
+        "problem": listing.problem,
+        "backends": [
+            {
+                "name": i.name,
+                "distribution": i.distribution,
+                "version": i.version,
+                "plugin": i.plugin,
+                "available": i.available,
+                "reason": i.reason,
+                "priority": i.priority,
+                "device_type": i.device_type,
+                "capabilities": sorted(i.capabilities),
+                "selected": i.name == listing.selected,
+                "duplicates": list(i.duplicates),
+            }
+            for i in listing.backends
+        ],
+        "duplicates": listing.duplicates,
+        "plugin_errors": listing.plugin_errors,
+        "blocked": listing.blocked,
+        "autoload_disabled": listing.autoload_disabled,
+    }
+
+
+def as_text(listing: Listing) -> str:
+    rows = [("", "NAME", "PROVIDED BY", "DEVICE", "PRIORITY", "AVAILABLE", "CAPABILITIES")]
+    for i in listing.backends:
         rows.append(
             (
-                "*" if i.name == selected else "",
+                "*" if i.name == listing.selected else "",
                 i.name,
                 f"{i.distribution} {i.version}".strip(),
-                "yes" if i.available else f"no: {i.reason}",
+                i.device_type or "?",
                 "-" if i.priority is None else str(i.priority),
+                "yes" if i.available else "no",
                 ",".join(sorted(i.capabilities)),
             )
         )
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
-    print(f"\nselected: {selected or 'none'} ({why})")
-    for i in infos:
-        for dup in i.duplicates:
-            print(f"warning: backend {i.name!r} is also provided by {dup} (ignored)")
-    for r in errors:
-        print(f"warning: {r.label} failed to load: {r.error}")
-    return 0
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    # Reasons are sentences with install hints: below the table, not squeezed into it.
+    lines += [f"{i.name}: not available: {i.reason}" for i in listing.backends if not i.available]
+    if not listing.backends:
+        lines.append("(no backends found; is paca installed correctly?)")
+    lines.append("")
+    lines.append(f"selected: {listing.selected or 'none'} ({listing.why})")
+    if listing.problem:
+        lines.append(f"  cannot be used: {listing.problem}")
+    lines += [f"duplicate: {d}" for d in listing.duplicates]
+    lines += [
+        f"plugin error: plugin {e['plugin']!r} from distribution {e['distribution']} "
+        f"{e['version']}: {e['error']}"
+        for e in listing.plugin_errors
+    ]
+    lines += [f"blocked: {b}" for b in listing.blocked]
+    if listing.autoload_disabled:
+        lines.append(
+            "note: PACA_DISABLE_PLUGIN_AUTOLOAD is set; only backends built into paca are listed"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    listing = gather(getattr(args, "backend", None))
+    print(json.dumps(as_json(listing), indent=2) if args.json else as_text(listing))
+    return 1 if listing.problem else 0

@@ -12,7 +12,7 @@ import importlib
 import logging
 import sys
 
-SUBCOMMANDS = ["paca.cli.run", "paca.cli.backends"]
+SUBCOMMANDS = ["paca.cli.run", "paca.cli.backends", "paca.cli.bench", "paca.cli.compare"]
 
 
 def build_parser() -> argparse.ArgumentParser:

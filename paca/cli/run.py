@@ -1,4 +1,11 @@
-"""``paca run``: fine-tune. With no experiment file, the embedded default job."""
+"""``paca run``: fine-tune as an experiment file says (no file: the embedded tiny default).
+
+paca run                               # tiny default job, a few minutes on CPU
+paca run exp.toml --backend hpu        # one experiment, any backend
+paca run llama3-8b-oasst1              # a shipped experiment, by name
+paca run exp.toml --set train.steps=50 --set method.name=lora
+paca run --resume runs/exp-cpu-20250101-120000
+"""
 
 from __future__ import annotations
 
@@ -8,30 +15,110 @@ from typing import Any
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("run", help="fine-tune (no arguments: the embedded tiny default job)")
+    p = sub.add_parser(
+        "run",
+        help="fine-tune from an experiment file (no file: the embedded tiny default job)",
+        description="Train an experiment and write a run folder (config, environment, "
+        "metrics.jsonl, summary.json, adapter). Without EXPERIMENT, the embedded tiny default.",
+    )
+    p.add_argument(
+        "experiment", nargs="?", default=None,
+        help="experiment TOML file, or the name of a shipped one (see docs/experiments.md)",
+    )  # fmt: skip
     p.add_argument("--backend", default=None, help="cpu, cuda, hpu, a plugin's name, or auto")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides the file)")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a key, e.g. --set train.lr=1e-3 (VALUE is read as TOML; repeatable)",
+    )  # fmt: skip
+    p.add_argument(
+        "--run-dir", default=None, help="run folder (default: OUTPUT_DIR/NAME-BACKEND-TIME)"
+    )
+    p.add_argument("--output-dir", default=None, help="parent of run folders (overrides the file)")
+    p.add_argument(
+        "--resume", metavar="RUN_DIR", default=None,
+        help="continue the run in RUN_DIR from its last checkpoint",
+    )  # fmt: skip
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from paca.quickstart import QuickstartSettings, run_quickstart
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["train.lr=1e-3", "method.name=lora"]`` -> ``{"train.lr": 0.001, "method.name": "lora"}``."""
+    from paca.experiment.schema import ExperimentError, tomllib
 
-    settings = QuickstartSettings()
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ExperimentError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=1e-3")
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text  # a bare word: take it as a string (method.name=lora)
+        out[key.strip()] = value
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from paca.experiment.schema import load_experiment, resolve_experiment_path
+    from paca.quickstart import default_experiment
+
+    overrides = parse_overrides(args.overrides)
     if args.steps is not None:
-        settings.steps = args.steps
-    backend = None if args.backend in (None, "auto") else args.backend
-    result = run_quickstart(settings, backend=backend)
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return 0
-    print(
-        f"backend: {result['backend']}\n"
-        f"trainable params: {result['trainable_params']:,} of {result['total_params']:,} "
-        f"({100 * result['trainable_params'] / result['total_params']:.2f}%)\n"
-        f"held-out loss: {result['loss_before']:.4f} -> {result['loss_after']:.4f}\n"
-        f"{settings.steps} steps in {result['train_seconds']:.1f}s "
-        f"({result['steps_per_second']:.2f} steps/s)"
+        overrides["train.steps"] = args.steps
+    if args.output_dir is not None:
+        overrides["output_dir"] = args.output_dir
+    if args.resume:
+        if args.experiment or overrides:
+            raise ValueError("--resume continues a run as it was: give no EXPERIMENT or --set")
+        exp = None
+    elif args.experiment is None:
+        exp = default_experiment(overrides)
+    else:
+        exp = load_experiment(resolve_experiment_path(args.experiment), overrides)
+
+    from paca.experiment.runner import run_experiment
+
+    result = run_experiment(
+        exp,
+        backend=args.backend,
+        run_dir=args.resume or args.run_dir,
+        resume=bool(args.resume),
+        progress=not (args.no_progress or args.json),
     )
+    s = result.summary
+    if args.json:
+        print(json.dumps({"run_dir": str(result.run_dir), **s}, indent=2, default=str))
+        return 0
+    print(format_summary(s, str(result.run_dir)))
     return 0
+
+
+def _num(value: Any, fmt: str) -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def format_summary(s: dict[str, Any], run_dir: str) -> str:
+    """A short human summary of a finished run."""
+    lines = [
+        f"backend: {s['backend']} ({s.get('device', '?')}), method: {s['method']}",
+        f"trainable params: {s['trainable_params']:,} of {s['total_params']:,} "
+        f"({s['trainable_percent']:.2f}%)",
+    ]
+    if s.get("eval_loss") is not None:
+        lines.append(
+            f"held-out loss: {_num(s.get('eval_loss_before'), '.4f')} -> {s['eval_loss']:.4f}"
+            f"   accuracy: {_num(s.get('eval_accuracy_before'), '.3f')} -> "
+            f"{_num(s.get('eval_accuracy'), '.3f')}"
+        )
+    step_ms = s.get("step_time_median_s")
+    lines.append(
+        f"{s.get('steps', 0)} steps in {s.get('train_seconds', 0):.1f}s; median step "
+        f"{_num(step_ms * 1000 if step_ms else None, '.1f')} ms, "
+        f"{_num(s.get('tokens_per_second'), ',.0f')} tokens/s, peak memory "
+        f"{_num(s['peak_memory_bytes'] / 2**20 if s.get('peak_memory_bytes') else None, ',.0f')} MiB"
+    )
+    lines.append(f"run folder: {run_dir}")
+    return "\n".join(lines)

@@ -22,6 +22,7 @@ from .data import (
 )
 from .models import (
     DEFAULT_ATTN,
+    TINY_INIT_STD,
     TINY_MODELS,
     build_from_config,
     build_tiny,
@@ -41,6 +42,7 @@ __all__ = [
     "FACTS",
     "PAD_ID",
     "TASKS",
+    "TINY_INIT_STD",
     "TINY_MODELS",
     "VOCAB_SIZE",
     "WORDS",

@@ -8,9 +8,10 @@ embedding and LM head of the tiny models small.
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+if TYPE_CHECKING:  # imported on first use: keeps `import paca.tiny` light
+    from transformers import PreTrainedTokenizerFast
 
 #: Special tokens, appended after the 256 byte tokens.
 PAD_TOKEN = "<pad>"
@@ -42,6 +43,8 @@ def _bytes_to_unicode() -> dict[int, str]:
 @functools.lru_cache(maxsize=1)
 def _tokenizer_json() -> str:
     """Build the raw ``tokenizers`` pipeline once; cached as an immutable JSON string."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
     vocab = {char: byte for byte, char in _bytes_to_unicode().items()}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     # use_regex=False: no word splitting, no prefix space -> pure bytes in, bytes out.
@@ -58,6 +61,9 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     it (e.g. ``padding_side``) without affecting other callers. ``encode`` adds no
     special tokens, so ``decode(encode(s)) == s`` for any string ``s``.
     """
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
     tok = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
         pad_token=PAD_TOKEN,

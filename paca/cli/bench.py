@@ -1,0 +1,95 @@
+"""``paca bench``: PaCA vs PEFT LoRA vs full fine-tuning vs the frozen-base bound."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+GIB = 1024**3
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="benchmark PaCA against LoRA, full fine-tuning and the frozen base",
+        description=(
+            "Measure step time, saved activations, peak memory, optimizer state, throughput "
+            "and the max sequence length under a memory budget for each method, interleaved "
+            "and repeated in one process. Writes bench.json, bench.md and bench.png."
+        ),
+    )
+    preset = p.add_mutually_exclusive_group()
+    preset.add_argument("--quick", action="store_true", help="small model (about a minute)")
+    preset.add_argument("--preset", default=None, help="default, quick or tiny (default: default)")
+    p.add_argument("--backend", default=None, help="cpu, cuda, hpu, a plugin's name, or auto")
+    p.add_argument("--out", default="bench-out", help="output folder (default: bench-out)")
+    p.add_argument("--methods", default=None, help="comma list of paca,lora,full,frozen")
+    p.add_argument("--hidden", type=int, default=None)
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--heads", type=int, default=None)
+    p.add_argument("--kv-heads", type=int, default=None)
+    p.add_argument("--intermediate", type=int, default=None)
+    p.add_argument("--seq", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--r", type=int, default=None, help="PaCA columns / LoRA rank")
+    p.add_argument("--targets", default=None, help="comma list of target layer names")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per method")
+    p.add_argument("--repeats", type=int, default=None, help="timed steps per method")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--budget-gib", type=float, default=None, help="memory budget for max seq (default 8)"
+    )
+    p.add_argument("--seq-points", default=None, help="comma list of probe lengths (CPU fit)")
+    p.add_argument("--no-chart", action="store_true", help="skip bench.png")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in (
+        "hidden", "layers", "heads", "kv_heads", "intermediate", "seq", "batch", "r",
+        "dtype", "seed", "warmup", "repeats", "threads", "backend",
+    ):  # fmt: skip
+        value = getattr(args, name)
+        if value is not None:
+            out[name] = value
+    if args.methods:
+        out["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    if args.targets:
+        out["targets"] = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    if args.budget_gib is not None:
+        out["budget_bytes"] = int(args.budget_gib * GIB)
+    if args.seq_points:
+        out["seq_points"] = tuple(int(x) for x in args.seq_points.split(","))
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from paca.bench import preset, run_benchmark, total_units, write_outputs
+
+    name = "quick" if args.quick else (args.preset or "default")
+    config = preset(name, **_overrides(args))
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_units(config), desc="paca bench", unit="step", file=sys.stderr)
+
+    def progress(label: str, units: int) -> None:
+        if bar is not None:
+            bar.set_postfix_str(label, refresh=False)
+            bar.update(units)
+
+    try:
+        result = run_benchmark(config, progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    paths = write_outputs(result, args.out, chart=not args.no_chart)
+    print((paths[1]).read_text(encoding="utf-8"))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0

@@ -1,0 +1,123 @@
+"""The run folder: what ran (resolved experiment), where (environment), and how it went.
+
+Layout of ``RUN_DIR``::
+
+    experiment.toml   the resolved experiment (every key, defaults filled in)
+    environment.json  backend + describe(), device name, library versions, git commit
+    metrics.jsonl     one JSON object per Trainer log (train loss, lr, eval metrics)
+    summary.json      final numbers; "status" is running/completed/interrupted/failed
+    adapter/          what was learned (PaCA/LoRA adapter; model/ for full fine-tuning)
+    checkpoints/      Trainer checkpoints, for resuming
+
+Every file is written atomically (temp file + rename), so a killed run never leaves a
+half-written summary.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+EXPERIMENT_FILE = "experiment.toml"
+ENVIRONMENT_FILE = "environment.json"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+CHECKPOINTS = "checkpoints"
+_LIBRARIES = (
+    "paca", "torch", "transformers", "peft", "accelerate", "datasets", "safetensors",
+    "optimum-habana", "deepspeed", "triton",
+)  # fmt: skip
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as indented JSON, atomically."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def library_versions() -> dict[str, str | None]:
+    """Installed versions of the libraries that decide a run's numbers (None: absent)."""
+    out: dict[str, str | None] = {}
+    for name in _LIBRARIES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_commit(start: Path | None = None) -> dict[str, Any] | None:
+    """Commit and dirty flag of the git checkout holding ``start`` (default: paca's source)."""
+    where = start or Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10
+        )
+        if commit.returncode != 0:
+            return None
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=where, capture_output=True, text=True, timeout=10,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+def device_name(backend: Any, described: dict[str, Any]) -> str:
+    """A human-readable device name: the backend's own, else torch's, else the type."""
+    for key in ("device_name", "name", "device"):
+        if described.get(key):
+            return str(described[key])
+    import torch
+
+    if backend.device_type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return backend.device_type
+
+
+def environment(backend: Any) -> dict[str, Any]:
+    """Everything about the machine and software a comparison must state."""
+    try:
+        described = dict(backend.describe())
+    except Exception as exc:  # describe() must never raise; record it if it does
+        described = {"error": f"describe() raised {type(exc).__name__}: {exc}"}
+    import torch
+
+    return {
+        "backend": backend.name,
+        "device_type": backend.device_type,
+        "device_name": device_name(backend, described),
+        "describe": described,
+        "libraries": library_versions(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "hostname": platform.node(),
+        "torch_threads": torch.get_num_threads(),
+        "git": git_commit(),
+        "command": sys.argv,
+        "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]

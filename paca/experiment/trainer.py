@@ -1,0 +1,149 @@
+"""Which Trainer runs an experiment, and the arguments it gets.
+
+transformers' ``Trainer`` everywhere, except on an HPU backend with optimum-habana
+installed, where ``GaudiTrainer`` takes over (lazy mode, HPU graphs, fused ops).
+optimum-habana is imported only inside :func:`_gaudi_trainer`, so nothing else here
+needs it. Both are combined with :class:`paca.integrations.transformers.PacaTrainer`,
+whose checkpoints of a :class:`paca.PacaModel` hold only the adapter (kilobytes, not
+the whole base model) and reload it for ``resume_from_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from paca.experiment.schema import Experiment, ExperimentError
+
+logger = logging.getLogger("paca.experiment")
+
+
+def trainer_kind(device_type: str, find_spec: Any = importlib.util.find_spec) -> str:
+    """``"gaudi"`` on an HPU backend when optimum-habana is installed, else ``"hf"``."""
+    if device_type != "hpu":
+        return "hf"
+    try:
+        found = find_spec("optimum.habana") is not None
+    except (ImportError, ValueError):  # "optimum" itself missing
+        found = False
+    if not found:
+        logger.warning(
+            "HPU backend without optimum-habana: using transformers' Trainer "
+            "(pip install optimum-habana for GaudiTrainer's lazy mode and fused ops)"
+        )
+    return "gaudi" if found else "hf"
+
+
+def common_arguments(exp: Experiment, output_dir: Path, device_type: str, lr_scale: float) -> dict:
+    """Keyword arguments shared by ``TrainingArguments`` and ``GaudiTrainingArguments``."""
+    t = exp.train
+    if t.precision == "fp16" and device_type == "hpu":
+        raise ExperimentError("[train].precision = 'fp16' is not supported on Gaudi; use 'bf16'")
+    kwargs: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "max_steps": t.steps if t.steps > 0 else -1,
+        "num_train_epochs": t.epochs,
+        "per_device_train_batch_size": t.batch_size,
+        "per_device_eval_batch_size": t.eval_batch_size or t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "learning_rate": t.lr * lr_scale,
+        "lr_scheduler_type": t.lr_scheduler,
+        "warmup_steps": t.warmup_steps,
+        "weight_decay": t.weight_decay,
+        "max_grad_norm": t.max_grad_norm,
+        "optim": t.optimizer,
+        "bf16": t.precision == "bf16",
+        "fp16": t.precision == "fp16",
+        "gradient_checkpointing": t.gradient_checkpointing,
+        "logging_steps": t.logging_steps,
+        "eval_strategy": "steps" if t.eval_steps else "no",
+        "eval_steps": t.eval_steps or None,
+        "save_strategy": "steps" if t.save_steps else "no",
+        "save_steps": t.save_steps or 500,
+        "save_total_limit": t.save_total_limit,
+        "seed": exp.seed,
+        "data_seed": exp.seed,
+        "report_to": [],
+        "label_names": ["labels"],
+        "remove_unused_columns": False,
+        "dataloader_num_workers": t.dataloader_workers,
+        "dataloader_pin_memory": device_type == "cuda",
+        "use_cpu": device_type == "cpu",
+        "include_num_input_tokens_seen": False,
+    }
+    if t.deepspeed:
+        kwargs["deepspeed"] = t.deepspeed
+    return kwargs
+
+
+def build_trainer(
+    exp: Experiment,
+    kind: str,
+    model: Any,
+    args_kwargs: dict,
+    **trainer_kwargs: Any,
+) -> Any:
+    """A Trainer (``kind`` from :func:`trainer_kind`) with PaCA-sized checkpoints."""
+    if kind == "gaudi":
+        return _gaudi_trainer(exp, model, args_kwargs, **trainer_kwargs)
+    from transformers import TrainingArguments
+
+    from paca.integrations.transformers import PacaTrainer
+
+    args = TrainingArguments(**_checkpointing_key(TrainingArguments, args_kwargs))
+    trainer = PacaTrainer(model=model, args=args, **trainer_kwargs)
+    _check_device(trainer, model)
+    return trainer
+
+
+def _checkpointing_key(args_cls: type, kwargs: dict) -> dict:
+    """transformers 5 renamed ``gradient_checkpointing`` to ``activation_checkpointing``."""
+    fields = getattr(args_cls, "__dataclass_fields__", {})
+    if "activation_checkpointing" in fields and "gradient_checkpointing" in kwargs:
+        kwargs = dict(kwargs)
+        kwargs["activation_checkpointing"] = kwargs.pop("gradient_checkpointing")
+    return kwargs
+
+
+def _check_device(trainer: Any, model: Any) -> None:
+    backend = getattr(model, "backend", None)
+    if backend is not None and trainer.args.device.type != backend.device_type:
+        raise RuntimeError(
+            f"the Trainer would run on {trainer.args.device} but backend {backend.name!r} "
+            f"computes on {backend.device_type!r}; pick a backend for this machine's "
+            f"accelerator or set CUDA_VISIBLE_DEVICES/HABANA_VISIBLE_DEVICES accordingly"
+        )
+
+
+def _gaudi_trainer(exp: Experiment, model: Any, args_kwargs: dict, **trainer_kwargs: Any) -> Any:
+    """GaudiTrainer with GaudiTrainingArguments (optimum-habana's documented API)."""
+    from optimum.habana import GaudiConfig, GaudiTrainer, GaudiTrainingArguments
+
+    from paca.integrations.transformers import PacaTrainer
+
+    h = exp.hpu
+    if not h.lazy_mode and os.environ.get("PT_HPU_LAZY_MODE", "1") != "0":
+        raise ExperimentError(
+            "[hpu].lazy_mode = false needs PT_HPU_LAZY_MODE=0 in the environment "
+            "before the Gaudi SDK is imported"
+        )
+    kwargs = {k: v for k, v in args_kwargs.items() if k not in {"use_cpu", "fp16"}}
+    kwargs = _checkpointing_key(GaudiTrainingArguments, kwargs)
+    args = GaudiTrainingArguments(
+        use_habana=True,
+        use_lazy_mode=h.lazy_mode,
+        use_hpu_graphs_for_training=h.use_hpu_graphs_for_training,
+        gaudi_config_name=h.gaudi_config or None,
+        **kwargs,
+    )
+    gaudi_config = None
+    if not h.gaudi_config:
+        gaudi_config = GaudiConfig()
+        gaudi_config.use_fused_adam = h.use_fused_adam
+        gaudi_config.use_fused_clip_norm = h.use_fused_clip_norm
+    # PacaTrainer's overrides call super(), so they sit in front of GaudiTrainer's.
+    cls = type("PacaGaudiTrainer", (PacaTrainer, GaudiTrainer), {})
+    return cls(model=model, gaudi_config=gaudi_config, args=args, **trainer_kwargs)

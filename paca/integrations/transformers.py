@@ -1,0 +1,112 @@
+"""transformers ``Trainer`` support: checkpoints that hold only the PaCA adapter.
+
+A stock ``Trainer`` already trains a :class:`~paca.model.PacaModel` (it forwards the
+wrapped model's signature, ``config`` and checkpointing API, and PaCA's ops handle
+autocast and gradient checkpointing), but it saves anything that is not a
+``PreTrainedModel``/``PeftModel`` as a full ``model.safetensors``. The one line a user
+changes is the class::
+
+    from paca.integrations.transformers import PacaTrainer as Trainer
+
+:class:`PacaTrainer` writes ``adapter_model.safetensors`` + ``paca_config.json`` into
+every checkpoint (and the final ``save_model``), and reads them back for
+``resume_from_checkpoint`` and ``load_best_model_at_end``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer
+from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.utils import can_return_loss, find_labels
+
+from paca.io import CONFIG_NAME, load_adapter_weights, read_adapter
+from paca.model import PacaModel
+
+logger = logging.getLogger("paca")
+
+__all__ = ["PacaTrainer"]
+
+
+def _paca_model(trainer: Trainer, model: nn.Module | None = None) -> PacaModel | None:
+    m = model if model is not None else trainer.model
+    unwrapped = trainer.accelerator.unwrap_model(m, keep_torch_compile=False)
+    return unwrapped if isinstance(unwrapped, PacaModel) else None
+
+
+def _load_checkpoint_adapters(model: PacaModel, directory: str | os.PathLike[str]) -> None:
+    """Overwrite every adapter of ``model`` with the one saved for it under ``directory``."""
+    directory = Path(directory)
+    top_name = read_adapter(directory)[0]["adapter_name"]
+    for name in model.paca_configs:
+        where = directory if name == top_name else directory / name
+        if not (where / CONFIG_NAME).is_file():
+            raise FileNotFoundError(
+                f"checkpoint {str(directory)!r} has no saved weights for adapter {name!r}"
+            )
+        load_adapter_weights(model, where, name)
+
+
+class PacaTrainer(Trainer):
+    """A ``transformers.Trainer`` whose checkpoints contain only the PaCA adapter.
+
+    It also takes the label names from the wrapped model's class (the stock Trainer looks
+    at ``type(model).forward``, which for a PacaModel names no labels, so evaluation
+    would report no loss unless ``TrainingArguments(label_names=["labels"])`` is set).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        model = _paca_model(self)
+        if model is not None:
+            inner = type(model.get_base_model())
+            if self.args.label_names is None:
+                self.label_names = find_labels(inner)
+            self.can_return_loss = can_return_loss(inner)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        model = _paca_model(self)
+        if model is None:  # not a PaCA model: the stock behaviour
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return None
+        os.makedirs(output_dir, exist_ok=True)
+        logger.info("Saving PaCA adapter checkpoint to %s", output_dir)
+        model.save_pretrained(output_dir, state_dict=_adapter_entries(state_dict))
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        return None
+
+    def _load_from_checkpoint(
+        self, resume_from_checkpoint: str, model: nn.Module | None = None
+    ) -> None:
+        paca_model = _paca_model(self, model)
+        if paca_model is None or not (Path(resume_from_checkpoint) / CONFIG_NAME).is_file():
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        logger.info("Loading PaCA adapter from %s", resume_from_checkpoint)
+        _load_checkpoint_adapters(paca_model, resume_from_checkpoint)
+        return None
+
+    def _load_best_model(self) -> None:
+        paca_model = _paca_model(self)
+        best = self.state.best_model_checkpoint
+        if paca_model is None or best is None or not (Path(best) / CONFIG_NAME).is_file():
+            return super()._load_best_model()
+        logger.info("Loading best PaCA adapter from %s (score: %s)", best, self.state.best_metric)
+        _load_checkpoint_adapters(paca_model, best)
+        return None
+
+
+def _adapter_entries(state_dict: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Keep only delta entries of a (possibly consolidated) state dict, if one was given."""
+    if state_dict is None:
+        return None
+    return {k: v for k, v in state_dict.items() if ".paca_delta." in k}

@@ -1,0 +1,239 @@
+"""Run the contract against a backend and report, item by item, what passed and why not."""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from paca.backend_abc import Backend, BackendUnavailableError
+from paca.testing._contract import (
+    CONTRACT,
+    TOLERANCES,
+    CheckContext,
+    ContractSkip,
+    ContractViolation,
+)
+
+Status = Literal["passed", "failed", "skipped"]
+
+#: Items that still run when the backend is unavailable on this machine.
+_WITHOUT_DEVICE = ("api", "availability")
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """The outcome of one contract item."""
+
+    item: str
+    title: str
+    status: Status
+    message: str = ""
+
+    def __str__(self) -> str:
+        tail = f": {self.message}" if self.message else ""
+        return f"{self.status.upper():7} {self.item}{tail}"
+
+
+class ConformanceError(AssertionError):
+    """Raised by :meth:`ConformanceReport.raise_for_failures`; the message lists the items."""
+
+
+@dataclass
+class ConformanceReport:
+    """Every contract item's result for one backend."""
+
+    backend: str
+    device: str
+    results: list[CheckResult] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[CheckResult]:
+        return [r for r in self.results if r.status == "failed"]
+
+    @property
+    def passed(self) -> list[CheckResult]:
+        return [r for r in self.results if r.status == "passed"]
+
+    @property
+    def skipped(self) -> list[CheckResult]:
+        return [r for r in self.results if r.status == "skipped"]
+
+    @property
+    def ok(self) -> bool:
+        """True when no item failed (skipped items do not count against a backend)."""
+        return not self.failed
+
+    def __getitem__(self, item: str) -> CheckResult:
+        for r in self.results:
+            if r.item == item:
+                return r
+        raise KeyError(f"no contract item {item!r} in this report")
+
+    def summary(self) -> str:
+        head = (
+            f"paca backend conformance: {self.backend!r} on {self.device}: "
+            f"{len(self.passed)} passed, {len(self.failed)} failed, {len(self.skipped)} skipped"
+        )
+        return "\n".join([head, *(f"  {r}" for r in self.results)])
+
+    __str__ = summary
+
+    def raise_for_failures(self) -> None:
+        if self.failed:
+            lines = "\n".join(f"  {r.item}: {r.message}" for r in self.failed)
+            raise ConformanceError(
+                f"backend {self.backend!r} breaks {len(self.failed)} contract item(s):\n{lines}"
+            )
+
+
+@dataclass
+class _Resolved:
+    cls: type[Backend]
+    instance: Backend | None
+    registered: bool
+    reason: str = ""  # why there is no instance
+    broken: bool = False  # available, but constructing it raised
+
+
+def resolve_backend(backend: str | Backend | type[Backend]) -> _Resolved:
+    """Find the class and, when it can run here, the instance to check."""
+    if isinstance(backend, Backend):
+        return _Resolved(type(backend), backend, False)
+    if isinstance(backend, str):
+        from paca._registry import registry
+
+        reg = registry()
+        try:
+            instance = reg.instance(backend)  # UnknownBackendError is the caller's mistake
+            return _Resolved(type(instance), instance, True)
+        except BackendUnavailableError as exc:
+            cls = next(i.cls for i in reg.infos() if i.name == backend)
+            return _Resolved(cls, None, True, str(exc))
+        except Exception as exc:
+            cls = next(i.cls for i in reg.infos() if i.name == backend)
+            return _Resolved(cls, None, True, f"constructing it raised {exc!r}", broken=True)
+    if not (isinstance(backend, type) and issubclass(backend, Backend)):
+        raise TypeError(
+            f"check_backend() takes a backend name, Backend subclass or instance, not {backend!r}"
+        )
+    try:
+        if not backend.is_available():
+            return _Resolved(backend, None, False, backend.unavailable_reason() or "unavailable")
+        return _Resolved(backend, backend(), False)
+    except Exception as exc:
+        return _Resolved(backend, None, False, f"constructing it raised {exc!r}", broken=True)
+
+
+def run_item(item_id: str, ctx: CheckContext) -> CheckResult:
+    """Run one contract item; a crash inside the backend counts as a failure of that item."""
+    item = CONTRACT[item_id]
+    try:
+        note = item.check(ctx)
+    except ContractSkip as exc:
+        return CheckResult(item.id, item.title, "skipped", str(exc))
+    except ContractViolation as exc:
+        return CheckResult(item.id, item.title, "failed", str(exc))
+    except Exception as exc:
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        return CheckResult(
+            item.id,
+            item.title,
+            "failed",
+            f"raised {type(exc).__name__}: {exc} (at {where.filename}:{where.lineno})",
+        )
+    return CheckResult(item.id, item.title, "passed", note or "")
+
+
+def make_context(
+    backend: Backend,
+    device: torch.device | str | None = None,
+    *,
+    registered: bool = True,
+    tolerances: dict[torch.dtype, float] | None = None,
+    run_compile: bool = True,
+    seed: int = 0,
+) -> CheckContext:
+    from paca_cpu import CPUBackend
+
+    return CheckContext(
+        backend=backend,
+        device=torch.device(device) if device is not None else backend.device(),
+        reference=CPUBackend(),
+        tolerances={**TOLERANCES, **(tolerances or {})},
+        seed=seed,
+        registered=registered,
+        run_compile=run_compile,
+    )
+
+
+def check_backend(
+    backend: str | Backend | type[Backend],
+    device: torch.device | str | None = None,
+    *,
+    items: Iterable[str] | None = None,
+    tolerances: dict[torch.dtype, float] | None = None,
+    run_compile: bool = True,
+    seed: int = 0,
+) -> ConformanceReport:
+    """Check ``backend`` (a registered name, a class or an instance) against every contract
+    item and return a :class:`ConformanceReport`; never raises for a broken backend.
+
+    ``device`` defaults to ``backend.device()``. ``items`` picks contract item ids (see
+    :data:`paca.testing.CONTRACT`); ``tolerances`` overrides :data:`TOLERANCES` per dtype;
+    ``run_compile=False`` skips the torch.compile item (the slowest). An unavailable
+    backend gets its ``api`` and ``availability`` items checked and the rest skipped with
+    the reason.
+    """
+    chosen = list(CONTRACT) if items is None else list(items)
+    unknown = [i for i in chosen if i not in CONTRACT]
+    if unknown:
+        raise KeyError(f"unknown contract items {unknown}; known: {', '.join(CONTRACT)}")
+    found = resolve_backend(backend)
+    if found.instance is None:
+        return _report_without_instance(found, chosen)
+    instance, registered = found.instance, found.registered
+    ctx = make_context(
+        instance,
+        device,
+        registered=registered,
+        tolerances=tolerances,
+        run_compile=run_compile,
+        seed=seed,
+    )
+    report = ConformanceReport(instance.name, str(ctx.device))
+    for item_id in chosen:
+        report.results.append(run_item(item_id, ctx))
+    return report
+
+
+def _report_without_instance(found: _Resolved, chosen: list[str]) -> ConformanceReport:
+    """Check what can be checked without an instance; skip (or, when constructing an
+    available backend raised, fail) the rest."""
+    report = ConformanceReport(found.cls.name, "unavailable")
+    for item_id in chosen:
+        item = CONTRACT[item_id]
+        if item_id in _WITHOUT_DEVICE:
+            try:
+                result = run_item(item_id, _declarations_context(found.cls))
+            except ContractViolation as exc:
+                result = CheckResult(item_id, item.title, "failed", str(exc))
+        elif found.broken:
+            result = CheckResult(item_id, item.title, "failed", found.reason)
+        else:
+            result = CheckResult(item_id, item.title, "skipped", f"unavailable: {found.reason}")
+        report.results.append(result)
+    return report
+
+
+def _declarations_context(cls: type[Backend]) -> CheckContext:
+    """A context for checking an unavailable backend's declarations without constructing
+    it the usual way (its ``__init__`` may need the missing device)."""
+    try:
+        proxy = object.__new__(cls)
+    except TypeError as exc:  # abstract: some primitive is not implemented
+        raise ContractViolation(f"{cls.__name__} cannot be instantiated: {exc}") from exc
+    return make_context(proxy, "cpu", registered=False, run_compile=False)

@@ -1,0 +1,124 @@
+"""What the trace backend records, its NaN/Inf stop, and tracing other backends."""
+
+from __future__ import annotations
+
+import json
+
+import paca
+import pytest
+import torch
+from torch import nn
+
+from paca_example_backend import NonFiniteError, TraceBackend, traced
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+
+
+def _train(backend: str, steps: int = 3) -> tuple[paca.PacaModel, list[float]]:
+    model = paca.wrap(_model(), paca.PacaConfig(r=4, target_modules=["0", "2"]), backend=backend)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(1))
+    losses = []
+    for _ in range(steps):
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return model, losses
+
+
+def test_registered_through_its_entry_point_and_never_auto_selected():
+    info = {i.name: i for i in paca.list_backends()}["trace"]
+    assert info.distribution == "paca-example-backend" and info.available
+    assert info.priority is None
+    assert paca.get_backend().name != "trace"
+
+
+def test_records_every_primitive_per_step_and_computes_like_cpu(monkeypatch):
+    monkeypatch.delenv("PACA_WEIGHT_CACHE", raising=False)
+    _, want = _train("cpu")
+    backend = paca.use_backend("trace")
+    assert isinstance(backend, TraceBackend)
+    _, got = _train("trace")
+    assert got == want  # the same CPU arithmetic, only observed
+    trace = backend.trace
+    assert trace.step == 3 and trace.backward_passes == 3
+    # per step, per PaCA layer: forward builds W_eff, one GEMM, saves x[..., idx];
+    # backward needs dX only for the second layer (the first one's input is data).
+    step0 = trace.counts(step=0)
+    assert step0["linear"] == 2 and step0["gather"] == 2 and step0["delta_grad"] == 2
+    assert step0["input_grad"] == 1
+    assert step0["effective_weight"] in (2, 3)  # 3 without the effective-weight cache
+    assert trace.counts()["linear"] == 6
+    first = trace.events[0]
+    assert first.primitive == "effective_weight" and first.shapes[0] == (32, 16)
+    assert "delta_grad" in trace.summary() and "optimizer steps: 3" in trace.summary()
+    json.dumps(trace.to_records())
+
+
+def test_bounded_log_keeps_totals():
+    backend = TraceBackend(max_events=4)
+    x = torch.randn(3, 8)
+    for _ in range(5):
+        backend.linear(x, torch.randn(2, 8), None)
+    assert len(backend.trace.events) == 4 and backend.trace.dropped == 1
+    assert backend.trace.counts() == {"linear": 5}
+    backend.trace.clear()
+    assert backend.trace.counts() == {} and backend.trace.step == 0
+
+
+def test_check_finite_names_the_first_primitive_that_overflows():
+    backend = TraceBackend(check_finite=True)
+    x = torch.full((2, 40), 300.0, dtype=torch.float16)
+    w = torch.full((3, 40), 300.0, dtype=torch.float16)  # 40 * 9e4 overflows fp16
+    with pytest.raises(NonFiniteError, match=r"linear produced NaN/Inf.*inputs were finite"):
+        backend.linear(x, w, None)
+    x[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="inputs were already non-finite"):
+        backend.gather(x, torch.tensor([0, 1]))
+
+
+def test_check_finite_from_the_environment(monkeypatch):
+    monkeypatch.setenv("PACA_TRACE_CHECK_FINITE", "1")
+    assert TraceBackend().check_finite
+    monkeypatch.setenv("PACA_TRACE_CHECK_FINITE", "0")
+    assert not TraceBackend().check_finite
+
+
+def test_traced_twin_of_another_backend():
+    cls = traced("cpu")
+    assert cls.name == "trace-cpu" and cls.device_type == "cpu" and cls.is_available()
+    paca.register_backend(cls)
+    backend = paca.use_backend("trace-cpu")
+    backend.gather(torch.randn(2, 5), torch.tensor([1, 3]))
+    assert backend.trace.counts() == {"gather": 1}
+    assert backend.describe()["inner"]["backend"] == "cpu"
+    with pytest.raises(paca.UnknownBackendError, match="cannot trace unknown backend 'tpu'"):
+        traced("tpu")
+    with pytest.raises(TypeError, match="already traces"):
+        traced(TraceBackend)
+
+
+def test_traced_unavailable_backend_says_why():
+    class Missing(paca.Backend):
+        name = "missing"
+        device_type = "cpu"
+
+        @classmethod
+        def is_available(cls):
+            return False
+
+        @classmethod
+        def unavailable_reason(cls):
+            return "no device attached"
+
+    cls = traced(Missing)
+    assert not cls.is_available()
+    assert (
+        cls.unavailable_reason()
+        == "the traced backend 'missing' is unavailable: no device attached"
+    )

@@ -1,0 +1,252 @@
+"""The benchmark suite: exact memory accounting, the search/fit maths, the JSON schema.
+
+Timings are never asserted (the machine is shared); activation figures are, exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from paca.bench.config import BenchConfig, preset
+from paca.bench.measure import summarize
+from paca.bench.memory import (
+    AllocationTracker,
+    SavedActivationCounter,
+    model_tensors,
+    optimizer_state_bytes,
+    unique_storage_bytes,
+)
+from paca.bench.runner import check_targets, ratios
+from paca.bench.seqlen import computed_max_seq, fit_linear, max_seq_from_fit, searched_max_seq
+
+
+# --------------------------------------------------------------- memory accounting
+def test_allocation_tracker_counts_new_storages_only() -> None:
+    with AllocationTracker() as tr:
+        a = torch.empty(1000)  # 4000 B
+        b = torch.empty(500)  # 2000 B
+        view = a.view(10, 100)  # a view: no new memory
+        a.add_(1)  # in place: no new memory
+        del a, view  # frees 4000 B
+        c = torch.ones(250)  # 1000 B
+    assert (tr.current, tr.peak, tr.allocations) == (3000, 6000, 3)
+    del b, c
+
+
+def test_allocation_tracker_sees_backward_and_frees() -> None:
+    w = torch.randn(64, 32, requires_grad=True)
+    x = torch.randn(16, 64)
+    with AllocationTracker() as tr:
+        loss = (x @ w).sum()
+        loss.backward()
+        del loss
+    assert w.grad is not None
+    assert tr.current == w.grad.numel() * 4  # only the new gradient stays alive
+    # the (16, 32) product is freed by then; the gradient and the scalar loss coexist
+    assert w.grad.numel() * 4 + 4 <= tr.peak < w.grad.numel() * 4 + 16 * 32 * 4
+
+
+def test_saved_counter_excludes_parameters_and_counts_shared_storage_once() -> None:
+    lin1, lin2 = nn.Linear(8, 4), nn.Linear(8, 4)
+    x = torch.randn(3, 8, requires_grad=True)
+    counter = SavedActivationCounter(
+        [*model_tensors(lin1), *model_tensors(lin2)], {"a": lin1, "b": lin2}
+    )
+    with counter.count():
+        out = lin1(x) + lin2(x)  # both save x (their weights are trainable): one storage
+        out.tanh().sum()
+    x_bytes = 3 * 8 * 4
+    assert counter.per_layer["a"].saved_bytes == x_bytes
+    assert counter.per_layer["b"].saved_bytes == 0  # same storage, counted once
+    assert counter.per_layer["a"].input_bytes == x_bytes
+    assert counter.per_layer["a"].in_features == 8
+    assert counter.other_bytes == 3 * 4 * 4  # tanh saves its output
+    assert counter.total_bytes == x_bytes + 3 * 4 * 4
+
+
+def test_optimizer_state_and_unique_bytes() -> None:
+    p = nn.Parameter(torch.randn(10, 10))
+    opt = torch.optim.AdamW([p])
+    assert optimizer_state_bytes(opt) == 0
+    p.grad = torch.ones_like(p)
+    opt.step()
+    # exp_avg + exp_avg_sq (400 B each) + the scalar step (4 B float32)
+    assert optimizer_state_bytes(opt) == 2 * 400 + 4
+    t = torch.zeros(10)
+    assert unique_storage_bytes([t, t[:5], t.view(2, 5)]) == 40
+    assert optimizer_state_bytes(None) == 0
+
+
+# ------------------------------------------------------------ max sequence length
+def test_fit_and_computed_max_seq_are_exact_for_linear_memory() -> None:
+    a, b, worst = fit_linear([100, 200, 400], [1100.0, 2100.0, 4100.0])
+    assert (a, b, worst) == pytest.approx((100.0, 10.0, 0.0))
+    assert max_seq_from_fit(100.0, 10.0, budget=10_100, batch=2) == 500
+    probes = [
+        {"tokens": t, "peak_fwd_bwd_bytes": 1000 + 3 * t, "peak_optimizer_bytes": 900}
+        for t in (64, 128)
+    ]
+    got = computed_max_seq(probes, budget=1000 + 3 * 2 * 700, batch=2)
+    assert got["max_seq"] == 700 and got["bytes_per_token"] == pytest.approx(3.0)
+    assert computed_max_seq(probes, budget=800, batch=2)["max_seq"] == 0  # optimizer too big
+    with pytest.raises(ValueError, match="two or more lengths"):
+        fit_linear([5, 5], [1.0, 2.0])
+    with pytest.raises(ValueError, match="did not grow"):
+        max_seq_from_fit(0.0, 0.0, 10, 1)
+
+
+@pytest.mark.parametrize("limit", [1, 63, 64, 100, 777, 4096, 5000])
+def test_searched_max_seq_finds_the_largest_fitting_multiple(limit: int) -> None:
+    calls: list[int] = []
+
+    def fits(n: int) -> bool:
+        calls.append(n)
+        return n <= limit
+
+    got = searched_max_seq(fits, start=512, granularity=64, upper=1 << 16)
+    assert got["max_seq"] == (limit // 64) * 64
+    assert len(calls) == len(set(calls)) < 20
+
+
+def test_searched_max_seq_reports_the_cap() -> None:
+    got = searched_max_seq(lambda n: True, start=64, granularity=64, upper=1024)
+    assert got["max_seq"] == 1024 and got["capped_at"] == 1024
+
+
+# ----------------------------------------------------------------- config, targets
+def test_config_rejects_bad_values_with_clear_errors() -> None:
+    with pytest.raises(ValueError, match="unknown benchmark method"):
+        BenchConfig(methods=("paca", "dora"))
+    with pytest.raises(ValueError, match="unknown benchmark preset"):
+        preset("huge")
+    with pytest.raises(ValueError, match="dtype"):
+        BenchConfig(dtype="int8")
+    assert preset("default").to_dict()["seq_points"] == [128, 256, 512]
+
+
+def _fake_methods(**per: dict[str, float]) -> dict[str, Any]:
+    return {
+        name: {
+            "step_time_s": {"median": v["t"], "tokens_per_s": 1 / v["t"]},
+            "memory": {
+                "saved_activation_bytes": v["act"],
+                "peak_bytes": v["act"],
+                "optimizer_state_bytes": 0,
+            },
+            "max_seq_len": {"max_seq": v["seq"]},
+        }
+        for name, v in per.items()
+    }
+
+
+def test_targets_and_ratios() -> None:
+    methods = _fake_methods(
+        paca={"t": 0.9, "act": 75.0, "seq": 130},
+        lora={"t": 1.0, "act": 100.0, "seq": 100},
+        frozen={"t": 0.8, "act": 74.0, "seq": 131},
+    )
+    r = ratios(methods, "lora")
+    assert r["paca"]["saved_activation_bytes"] == pytest.approx(0.75)
+    assert r["lora"]["step_time_s"] == 1.0
+    met = {(t["metric"], t["vs"]): t["met"] for t in check_targets(methods)}
+    assert met == {
+        ("saved_activation_bytes", "frozen"): True,
+        ("saved_activation_bytes", "lora"): True,
+        ("step_time_s", "lora"): True,
+        ("max_seq", "lora"): True,
+    }
+    methods["paca"]["step_time_s"]["median"] = 1.1
+    methods["paca"]["memory"]["saved_activation_bytes"] = 80.0
+    met = {(t["metric"], t["vs"]): t["met"] for t in check_targets(methods)}
+    assert not met[("step_time_s", "lora")] and not met[("saved_activation_bytes", "lora")]
+    assert not met[("saved_activation_bytes", "frozen")]  # 80/74 is 8% off the bound
+    alone = _fake_methods(paca={"t": 0.9, "act": 75.0, "seq": 130})
+    assert all(t["met"] is None for t in check_targets(alone))  # nothing to compare with
+
+
+def test_summarize_median_and_spread() -> None:
+    s = summarize([3.0, 1.0, 2.0, 10.0])
+    assert (s["median"], s["min"], s["max"], s["n"]) == (2.5, 1.0, 10.0, 4)
+    assert s["samples"] == [3.0, 1.0, 2.0, 10.0]  # raw order kept
+
+
+def test_cli_options_map_to_config() -> None:
+    from paca.cli.bench import _overrides
+    from paca.cli.main import build_parser
+
+    args = build_parser().parse_args(
+        ["bench", "--quick", "--methods", "paca,lora", "--r", "4", "--budget-gib", "2"]
+    )
+    cfg = preset("quick", **_overrides(args))
+    assert cfg.methods == ("paca", "lora") and cfg.r == 4 and cfg.budget_bytes == 2 * 1024**3
+    assert cfg.hidden == 256
+
+
+# --------------------------------------------------------- the whole run, tiny model
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
+    from paca.cli.main import main
+
+    out = tmp_path_factory.mktemp("bench")
+    assert main(["bench", "--preset", "tiny", "--out", str(out), "--no-progress"]) == 0
+    return json.loads((out / "bench.json").read_text()), out
+
+
+@pytest.mark.slow
+def test_tiny_run_writes_json_markdown_and_chart(tiny_run: tuple[dict[str, Any], Path]) -> None:
+    result, out = tiny_run
+    assert result["schema"] == "paca-bench/1"
+    env = result["environment"]
+    for key in ("python", "cpu", "torch_threads", "versions", "backend", "timestamp_utc"):
+        assert key in env
+    assert env["versions"]["torch"] == torch.__version__.split("+")[0] or env["versions"]["torch"]
+    assert result["config"]["seed"] == 0 and result["config"]["dtype"] == "float32"
+    assert list(result["methods"]) == ["paca", "lora", "full", "frozen"]
+    cfg = result["config"]
+    for m in result["methods"].values():
+        t = m["step_time_s"]
+        assert len(t["samples"]) == cfg["repeats"] and len(t["warmup_samples"]) == cfg["warmup"]
+        assert t["min"] <= t["median"] <= t["max"]
+        assert t["tokens_per_s"] == pytest.approx(cfg["batch"] * cfg["seq"] / t["median"])
+        mem = m["memory"]
+        assert mem["seq"] == cfg["seq"] and mem["peak_bytes"] >= mem["static_bytes"] > 0
+        assert [p["seq"] for p in m["memory_probes"]] == cfg["seq_points"]
+        assert m["max_seq_len"]["how"] == "computed" and m["max_seq_len"]["max_seq"] > 0
+    assert set(result["ratios"]["vs_lora"]) == set(result["methods"])
+    assert result["ratios"]["vs_frozen"]["frozen"]["saved_activation_bytes"] == 1.0
+    assert len(result["targets"]) == 4
+    md = (out / "bench.md").read_text()
+    assert "| PaCA |" in md and "Ratios to LoRA" in md and "Ratios to the frozen bound" in md
+    assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_tiny_run_activation_figures_are_exact(tiny_run: tuple[dict[str, Any], Path]) -> None:
+    result, _ = tiny_run
+    cfg = result["config"]
+    methods = result["methods"]
+    tokens = cfg["batch"] * cfg["seq"]
+    paca_layers = methods["paca"]["memory"]["per_layer"]
+    assert len(paca_layers) == cfg["layers"] * len(cfg["targets"])
+    for name, rec in paca_layers.items():
+        # PaCA saves exactly r of the layer's `in` input channels, in the input's dtype
+        assert rec["saved_bytes"] * rec["in_features"] == rec["input_bytes"] * cfg["r"], name
+        assert rec["saved_bytes"] == tokens * cfg["r"] * 4
+    # the frozen base saves nothing inside its (frozen) linear layers
+    assert methods["frozen"]["memory"]["saved_in_target_layers"] == 0
+    # LoRA saves each distinct layer input whole (q/k/v and gate/up share theirs)
+    lora = methods["lora"]["memory"]["per_layer"]
+    q = next(rec for n, rec in lora.items() if n.endswith("layers.0.self_attn.q_proj"))
+    k = next(rec for n, rec in lora.items() if n.endswith("layers.0.self_attn.k_proj"))
+    assert q["saved_bytes"] >= q["input_bytes"]  # the whole input, plus A's small output
+    assert k["saved_bytes"] < k["input_bytes"]  # the input was already counted for q
+    paca_total = methods["paca"]["memory"]["saved_activation_bytes"]
+    assert paca_total < methods["lora"]["memory"]["saved_activation_bytes"]
+    assert methods["frozen"]["trainable_params"] == 0
+    assert methods["paca"]["memory"]["optimizer_state_bytes"] > 0
