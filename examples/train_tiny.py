@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> dict:
             f"(capabilities: {', '.join(sorted(backend.capabilities))}); "
             "on Gaudi, start with PT_HPU_LAZY_MODE=0"
         )
-    step_model = torch.compile(pm, backend=backend.compile_backend()) if args.compile else pm
+    step_model = (
+        torch.compile(pm, backend=backend.compile_backend() or "inductor") if args.compile else pm
+    )
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
     print(f"backend: {json.dumps(backend.describe(), default=str)}", flush=True)

@@ -348,7 +348,7 @@ class Registry:
                         f"cannot be used: {rejected.reason}."
                     )
                 raise UnknownBackendError(self._unknown_message(name))
-            reason = _availability(entry.cls)[1]
+            reason = _availability(entry.cls, entry.plugin)[1]
             if reason is not None:
                 raise BackendUnavailableError(
                     f"paca backend {name!r} ({entry.plugin.label}) is not available on this "
@@ -375,6 +375,16 @@ class Registry:
                 "Plugins that failed to load: "
                 + "; ".join(f"{r.label}: {r.error}" for r in failed)
                 + "."
+            )
+        if self._is_blocked(name) or name in self._blocked_backends:
+            parts.append(
+                f"{name!r} is on the block list ({BLOCKED_ENV} or paca.block_backend()); "
+                f"remove it from there to use it."
+            )
+        elif self.autoload_disabled():
+            parts.append(
+                f"{DISABLE_AUTOLOAD_ENV} is set, so only backends built into paca are loaded; "
+                f"unset it to use plugin backends."
             )
         parts.append(
             "Install the package that provides it (e.g. `pip install paca-<name>`), or pick one "
@@ -432,14 +442,22 @@ def _canonical(dist_name: str) -> str:
     return dist_name.lower().replace("_", "-")
 
 
-def _availability(cls: type[Backend]) -> tuple[bool, str | None]:
+def _availability(
+    cls: type[Backend], record: PluginRecord | None = None
+) -> tuple[bool, str | None]:
     """Ask a backend whether it can run here; a raising backend is reported, not fatal."""
     try:
         if cls.is_available():
             return True, None
         return False, cls.unavailable_reason() or "is_available() returned False"
     except Exception as exc:
-        return False, f"is_available() raised {type(exc).__name__}: {exc}"
+        blame = (
+            f" (a bug in {record.distribution} {record.version}; report it there, or block it "
+            f"with {BLOCKED_ENV}={getattr(cls, 'name', record.name)})"
+            if record is not None
+            else ""
+        )
+        return False, f"is_available() raised {type(exc).__name__}: {exc}{blame}"
 
 
 def _info(
@@ -452,7 +470,7 @@ def _info(
     duplicates: list[str] | tuple[str, ...] = (),
 ) -> BackendInfo:
     if available is None:
-        available, reason = _availability(cls)
+        available, reason = _availability(cls, record)
     return BackendInfo(
         name=name,
         distribution=record.distribution,

@@ -38,6 +38,11 @@ class PacaConfig:
         delta_dtype: dtype of the trainable ``delta`` (``"float32"`` keeps fp32 master
             values for a bf16/fp16 model, like PEFT's adapter autocast); ``None`` uses the
             weight's dtype.
+        modules_to_save: modules trained in full next to the adapter (e.g. a new
+            classification head), named like list-form ``target_modules`` (the whole name
+            or its end after a dot). Each gets a trainable copy per adapter; the original
+            stays untouched and the copy is saved with the adapter. A name that matches
+            nothing, or a module that is also a PaCA target, is an error.
     """
 
     r: int = 8
@@ -48,6 +53,7 @@ class PacaConfig:
     selection_options: dict[str, Any] = field(default_factory=dict)
     indices: dict[str, list[int]] | None = None
     delta_dtype: str | None = "float32"
+    modules_to_save: list[str] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -74,6 +80,17 @@ class PacaConfig:
                 f"PacaConfig.selection_options must be JSON values (it is saved with the "
                 f"adapter): {e}. Pass data such as calibration batches to paca.wrap instead."
             ) from None
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+        if isinstance(self.modules_to_save, (tuple, set)):
+            self.modules_to_save = sorted(self.modules_to_save)
+        if self.modules_to_save is not None:
+            if not all(isinstance(n, str) and n for n in self.modules_to_save):
+                raise TypeError(
+                    f"PacaConfig.modules_to_save must be a list of module names, "
+                    f"got {self.modules_to_save!r}"
+                )
+            self.modules_to_save = list(self.modules_to_save) or None
         if self.indices is not None:
             self.indices = {k: [int(i) for i in v] for k, v in self.indices.items()}
 

@@ -12,6 +12,7 @@ import difflib
 import functools
 import logging
 import re
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from torch import nn
 from paca.backend_abc import Backend
 from paca.config import ALL_LINEAR, PacaConfig
 from paca.layer import PacaLayer, layer_class_for, unsupported_reason
+from paca.modules_to_save import COPIES, ORIGINAL, ModulesToSaveWrapper
 from paca.selection import (
     gradient_scores,
     select_columns,
@@ -87,7 +89,31 @@ def find_targets(model: nn.Module, config: PacaConfig) -> list[tuple[str, nn.Mod
             found.append((name, module))
     if not found:
         raise TargetModulesNotFoundError(_not_found_message(model, config))
+    if isinstance(config.target_modules, list):
+        unmatched = [
+            t for t in config.target_modules if not any(_matches(n, [t]) for n, _ in found)
+        ]
+        if unmatched:
+            warnings.warn(
+                f"target_modules entries {unmatched} matched no module of "
+                f"{type(model).__name__} (the others did); check their spelling. "
+                f"{_close_names_hint(model, unmatched)}",
+                UserWarning,
+                stacklevel=3,
+            )
     return found
+
+
+def _close_names_hint(model: nn.Module, wanted: list[str]) -> str:
+    leaves = sorted(
+        {n.split(".")[-1] for n, m in model.named_modules() if n and layer_class_for(m)}
+    )
+    close = sorted({c for w in wanted for c in difflib.get_close_matches(w, leaves, n=3)})
+    return (
+        f"Did you mean: {', '.join(close)}?"
+        if close
+        else f"Adaptable names: {', '.join(leaves[:40])}."
+    )
 
 
 def _has_supported_children(module: nn.Module) -> bool:
@@ -95,7 +121,63 @@ def _has_supported_children(module: nn.Module) -> bool:
 
 
 def _inside_paca(name: str, model: nn.Module) -> bool:
-    return ".base_layer" in f".{name}" or ".paca_" in f".{name}"
+    return _is_internal(name)
+
+
+#: child names of PaCA layers and modules_to_save wrappers that are not model modules.
+_INTERNAL_PARTS = {"base_layer", ORIGINAL, COPIES}
+
+
+def _is_internal(name: str) -> bool:
+    """Whether ``name`` lies inside a PaCA layer or a modules_to_save wrapper."""
+    return any(
+        part.startswith(("paca_", "base_layer")) or part in _INTERNAL_PARTS
+        for part in name.split(".")
+    )
+
+
+class ModulesToSaveError(ValueError):
+    """``modules_to_save`` names no module, or a module PaCA also adapts."""
+
+
+def find_modules_to_save(model: nn.Module, config: PacaConfig, targets: Iterable[str]) -> list[str]:
+    """Qualified names of the modules ``config.modules_to_save`` names (outermost matches).
+
+    Names match like list-form ``target_modules``. A name matching nothing, or a module
+    that is (or contains) one of ``targets``, is a :class:`ModulesToSaveError`.
+    """
+    wanted = config.modules_to_save or []
+    if not wanted:
+        return []
+    matched = [
+        name
+        for name, _ in model.named_modules()
+        if name and not _is_internal(name) and _matches(name, wanted)
+    ]
+    unmatched = [w for w in wanted if not any(_matches(n, [w]) for n in matched)]
+    if unmatched:
+        names = sorted({n for n, _ in model.named_modules() if n and not _is_internal(n)})
+        leaves = sorted({n.split(".")[-1] for n in names})
+        close = sorted(
+            {c for w in unmatched for c in difflib.get_close_matches(w, leaves + names, n=3)}
+        )
+        hint = f"Did you mean: {', '.join(close)}?" if close else f"Names: {', '.join(leaves[:40])}."
+        raise ModulesToSaveError(
+            f"modules_to_save entries {unmatched} match no module of {type(model).__name__}. "
+            f"{hint}"
+        )
+    found = [n for n in matched if not any(n.startswith(m + ".") for m in matched)]
+    targets = list(targets)
+    for name in found:
+        clash = [t for t in targets if t == name or t.startswith(name + ".")]
+        if clash:
+            what = "is" if clash == [name] else f"contains {clash[:5]}, which are"
+            raise ModulesToSaveError(
+                f"module {name!r} is in modules_to_save but {what} also a PaCA target: a module "
+                f"is either adapted or trained in full. Remove it from target_modules (or add "
+                f"it to exclude_modules) or from modules_to_save."
+            )
+    return found
 
 
 def _not_found_message(model: nn.Module, config: PacaConfig) -> str:
@@ -303,8 +385,11 @@ class PacaModel(nn.Module):
                 f"PacaConfig.indices names modules that are not targets: {unknown}; "
                 f"targets are: {[n for n, _ in targets][:20]}"
             )
+        to_save = find_modules_to_save(self._unwrapped_view(), config, [n for n, _ in targets])
+        self._check_no_overlap([n for n, _ in targets], to_save)
         created: list[tuple[str, PacaLayer]] = []
         layers: dict[str, PacaLayer] = {}
+        wrapped: list[tuple[str, ModulesToSaveWrapper]] = []
         try:
             for mod_name, module in targets:
                 layer = self._existing_layer(mod_name)
@@ -344,16 +429,54 @@ class PacaModel(nn.Module):
                         **extra,
                     )
                 layer.add_adapter(name, idx, config.delta_dtype)
+            for mod_name in to_save:
+                wrapper = self.model.get_submodule(mod_name)
+                if not isinstance(wrapper, ModulesToSaveWrapper):
+                    wrapper = ModulesToSaveWrapper(wrapper)
+                    _set_submodule(self.model, mod_name, wrapper)
+                wrapped.append((mod_name, wrapper))
+                wrapper.add_adapter(name)
         except BaseException:
             for layer in layers.values():
                 if name in layer.paca_delta:
                     layer.delete_adapter(name)
             for mod_name, layer in created:
                 _set_submodule(self.model, mod_name, layer.base_layer)
+            for mod_name, wrapper in wrapped:
+                if name in wrapper.modules_to_save:
+                    wrapper.delete_adapter(name)
+                if not len(wrapper.modules_to_save):
+                    _set_submodule(self.model, mod_name, wrapper.original_module)
             raise
         self.paca_configs[name] = config
         self.set_adapter(self.active_adapter if self.active_adapter in self.paca_configs else name)
         logger.info("PaCA adapter %r added to %d layers", name, len(targets))
+
+    def _check_no_overlap(self, targets: list[str], to_save: list[str]) -> None:
+        """Refuse modules_to_save on PaCA layers of other adapters and targets that other
+        adapters train in full (the current adapter's overlap is found by matching)."""
+        for mod_name in targets:
+            if isinstance(self.model.get_submodule(mod_name), ModulesToSaveWrapper):
+                raise ModulesToSaveError(
+                    f"module {mod_name!r} is in modules_to_save of adapter(s) "
+                    f"{sorted(self.model.get_submodule(mod_name).modules_to_save)}; it cannot "
+                    f"also be a PaCA target. Exclude it (exclude_modules)."
+                )
+        adapted = [n for n, _ in self.paca_layers()]
+        for mod_name in to_save:
+            clash = [n for n in adapted if n == mod_name or n.startswith(mod_name + ".")]
+            if clash:
+                raise ModulesToSaveError(
+                    f"module {mod_name!r} is in modules_to_save but PaCA already adapts "
+                    f"{clash[:5]} (another adapter's targets); a module is either adapted or "
+                    f"trained in full"
+                )
+
+    def modules_to_save_wrappers(self) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
+        """``(qualified name, wrapper)`` of every module trained in full by some adapter."""
+        for name, module in self.model.named_modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                yield name, module
 
     def _unwrapped_view(self) -> nn.Module:
         """The model as target matching should see it: PaCA layers as their base layers."""
@@ -375,13 +498,25 @@ class PacaModel(nn.Module):
             layer.active_adapter = name if name in layer.paca_delta else None
             for adapter, delta in layer.paca_delta.items():
                 delta.requires_grad_(adapter == name)
+        for _, wrapper in self.modules_to_save_wrappers():
+            wrapper.set_adapter(name)
 
     def delete_adapter(self, name: str) -> None:
         if name not in self.paca_configs:
             raise KeyError(f"no adapter {name!r}; adapters: {sorted(self.paca_configs)}")
+        if len(self.paca_configs) == 1:
+            raise ValueError(
+                f"adapter {name!r} is the only one; use unload() to get the base model back, "
+                f"or add another adapter first"
+            )
         for _, layer in self.paca_layers():
             if name in layer.paca_delta:
                 layer.delete_adapter(name)
+        for mod_name, wrapper in list(self.modules_to_save_wrappers()):
+            if name in wrapper.modules_to_save:
+                wrapper.delete_adapter(name)
+                if not len(wrapper.modules_to_save):  # no adapter trains it any more
+                    _set_submodule(self.model, mod_name, wrapper.original_module)
         del self.paca_configs[name]
         if self.active_adapter == name and self.paca_configs:
             self.set_adapter(next(iter(self.paca_configs)))
@@ -397,13 +532,19 @@ class PacaModel(nn.Module):
                 "cannot disable adapters while some are merged into the base weights; "
                 "call unmerge() first"
             )
+        wrappers = [w for _, w in self.modules_to_save_wrappers()]
+        previous_w = [w.disabled for w in wrappers]
         for layer in layers:
             layer.disabled = True
+        for wrapper in wrappers:
+            wrapper.disabled = True
         try:
             yield
         finally:
             for layer, was in zip(layers, previous, strict=True):
                 layer.disabled = was
+            for wrapper, was in zip(wrappers, previous_w, strict=True):
+                wrapper.disabled = was
 
     # --- merge / unload -----------------------------------------------------------
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
@@ -436,17 +577,26 @@ class PacaModel(nn.Module):
             if not merge:
                 layer.unmerge()
             _set_submodule(self.model, name, layer.base_layer)
+        for name, wrapper in list(self.modules_to_save_wrappers()):
+            copies = wrapper.modules_to_save
+            keep = (
+                copies[self.active_adapter]
+                if merge and self.active_adapter in copies
+                else wrapper.original_module
+            )
+            _set_submodule(self.model, name, keep)
         model = self.model
         for p in model.parameters():
             p.requires_grad_(True)
         return model
 
     def merge_and_unload(self, safe_merge: bool = False) -> nn.Module:
-        """The base model with the active adapter merged in, and no PaCA layers left."""
+        """The base model with the active adapter merged in, and no PaCA layers left; modules
+        in the adapter's ``modules_to_save`` are replaced by its trained copies."""
         return self._replace_layers(merge=True, safe_merge=safe_merge)
 
     def unload(self) -> nn.Module:
-        """The base model with its original weights (bit-exact) and no PaCA layers."""
+        """The base model with its original weights and modules (bit-exact), no PaCA layers."""
         return self._replace_layers(merge=False)
 
     # --- reporting ---------------------------------------------------------------
@@ -486,7 +636,9 @@ class _BaseView(nn.Module):
         for name, module in self._wrapped.named_modules():
             if isinstance(module, PacaLayer):
                 yield name, module.base_layer
-            elif ".base_layer" in f".{name}" or ".paca_" in f".{name}":
+            elif isinstance(module, ModulesToSaveWrapper):
+                yield name, module.original_module
+            elif _is_internal(name):
                 continue
             else:
                 yield name, module

@@ -145,9 +145,18 @@ def _delta_grad_impl(
         return b.delta_grad(flat_g, flat_x).to(out_dtype)
 
 
-def _save(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-          delta: torch.Tensor, idx: torch.Tensor, w_eff: torch.Tensor | None,
-          x_sel: torch.Tensor, key: str) -> None:  # fmt: skip
+def _save(
+    ctx: Any,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    delta: torch.Tensor,
+    idx: torch.Tensor,
+    w_eff: torch.Tensor | None,
+    x_sel: torch.Tensor,
+    key: str,
+) -> None:
+    """Save what backward needs: only ``x_sel`` of the activations."""
     ctx.save_for_backward(x_sel, weight, delta, idx)
     # A cached effective weight is a persistent buffer, not an activation: keep it off the
     # saved-tensor list (so it is not counted or offloaded) and check its version ourselves.
@@ -337,5 +346,5 @@ def paca_linear(
     compute = autocast_dtype(x.device.type)
     if torch.compiler.is_compiling():
         return _linear_op(x, weight, bias, delta, idx, None, key, compute)[0]
-    w_eff = weight_cache.lookup(backend, weight, delta, idx)
+    w_eff = weight_cache.lookup(backend, weight, delta, idx, compute)
     return PacaLinearFunction.apply(x, weight, bias, delta, idx, w_eff, key, compute)

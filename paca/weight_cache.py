@@ -22,8 +22,10 @@ The pretrained weight is never written: the cache is a separate tensor. That cos
 copy of every adapted weight (for LLaMA-3-8B with all seven projections, about 13 GiB in
 bf16), which is why the cache is opt-in: ``PACA_WEIGHT_CACHE=step``, :func:`set_enabled`
 or :func:`enabled`, or a backend whose ``cache_effective_weight`` attribute is true.
-It is bypassed (the per-call path is used) while ``torch.compile`` traces and during CUDA
-graph capture, where Python-side bookkeeping cannot run at replay time.
+Under autocast the cached copy is already in the compute dtype (rounded as the per-call
+path rounds), so fp32 master weights under bf16 autocast cost half a copy. The cache is
+bypassed (the per-call path is used) while ``torch.compile`` traces and during CUDA graph
+capture, where Python-side bookkeeping cannot run at replay time.
 """
 
 from __future__ import annotations
@@ -165,18 +167,26 @@ def _capturing(t: torch.Tensor) -> bool:
 
 
 def lookup(
-    backend: Backend, weight: torch.Tensor, delta: torch.Tensor, idx: torch.Tensor
+    backend: Backend,
+    weight: torch.Tensor,
+    delta: torch.Tensor,
+    idx: torch.Tensor,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor | None:
     """The up-to-date effective weight for this layer, or None to compute it per call.
 
     Builds the cached tensor on first use, rewrites only the ``r`` columns when just
     ``delta`` (or the step generation) changed, and rebuilds it when ``weight`` or
-    ``idx`` changed (their old columns would otherwise linger).
+    ``idx`` changed (their old columns would otherwise linger). With ``dtype`` (the
+    autocast compute dtype) the cache holds the effective weight already cast to it,
+    rounded exactly as the per-call path rounds (to ``weight.dtype``, then to ``dtype``),
+    so fp32 master weights under bf16 autocast cost half a copy and no cast per call.
     """
     if torch.compiler.is_compiling() or not is_enabled(backend) or _capturing(weight):
         return None
     _install_hook()
-    base_key = (_tensor_key(weight), _tensor_key(idx))
+    dtype = dtype if dtype is not None else weight.dtype
+    base_key = (_tensor_key(weight), _tensor_key(idx), dtype)
     delta_key = (_tensor_key(delta), _generation)
     entry: _Entry | None = _entries.get(delta)
     if entry is not None and entry.w_eff is not None and entry.base_key == base_key:
@@ -191,7 +201,7 @@ def lookup(
     if entry is not None:
         entry.w_eff = None  # free the stale copy before building the new one
     with torch.no_grad():
-        w_eff = backend.effective_weight(weight, idx, delta)
+        w_eff = backend.effective_weight(weight, idx, delta).to(dtype)
     _entries[delta] = _Entry(w_eff, base_key, delta_key)
     _stats.rebuilds += 1
     return w_eff
@@ -204,10 +214,11 @@ def _write_columns(
     idx: torch.Tensor,
     delta: torch.Tensor,
 ) -> None:
-    """``w_eff[:, idx] = round(W[:, idx] + delta)``, bit-identical to ``effective_weight``."""
+    """``w_eff[:, idx] = round(W[:, idx] + delta)``, bit-identical to ``effective_weight``
+    (followed by the cast to ``w_eff.dtype`` when the cache holds a compute-dtype copy)."""
     fused = getattr(backend, "write_effective_columns", None)
-    if fused is not None:
+    if fused is not None and w_eff.dtype == weight.dtype:
         fused(w_eff, weight, idx, delta)
         return
     columns = weight.index_select(1, idx).float() + delta.float()
-    backend.write_columns(w_eff, idx, columns)
+    backend.write_columns(w_eff, idx, columns.to(weight.dtype))

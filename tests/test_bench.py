@@ -89,14 +89,40 @@ def test_fit_and_computed_max_seq_are_exact_for_linear_memory() -> None:
     assert (a, b, worst) == pytest.approx((100.0, 10.0, 0.0))
     assert max_seq_from_fit(100.0, 10.0, budget=10_100, batch=2) == 500
     probes = [
-        {"tokens": t, "peak_fwd_bwd_bytes": 1000 + 3 * t, "peak_optimizer_bytes": 900}
+        {
+            "tokens": t,
+            "peak_fwd_bwd_bytes": 1000 + 3 * t,
+            "peak_forward_bytes": 900 + 3 * t,
+            "peak_optimizer_bytes": 900,
+        }
         for t in (64, 128)
     ]
     got = computed_max_seq(probes, budget=1000 + 3 * 2 * 700, batch=2)
+    assert got["fit_worst_relative_residual"] == 0.0
     assert got["max_seq"] == 700 and got["bytes_per_token"] == pytest.approx(3.0)
     assert computed_max_seq(probes, budget=800, batch=2)["max_seq"] == 0  # optimizer too big
     with pytest.raises(ValueError, match="two or more lengths"):
         fit_linear([5, 5], [1.0, 2.0])
+    with pytest.raises(ValueError, match="two or more lengths"):
+        computed_max_seq(probes[:1], budget=10**6, batch=1)
+
+
+def test_computed_max_seq_takes_the_slope_where_activations_dominate() -> None:
+    # full fine-tuning: a fixed 5000 B (weight gradients) sets the peak at short lengths
+    probes = [
+        {"tokens": t, "peak_fwd_bwd_bytes": max(5000, 1000 + 10 * t), "peak_optimizer_bytes": 0}
+        for t in (128, 256, 512, 1024)
+    ]
+    got = computed_max_seq(probes, budget=1000 + 10 * 4000, batch=1)
+    assert got["bytes_per_token"] == pytest.approx(10.0) and got["max_seq"] == 4000
+    assert got["fit_worst_relative_residual"] > 0.5  # the short probes are off the line
+    # ... and when even the longest backward probes sit in the gradient-bound regime,
+    # the forward peak (all activations alive, linear in tokens) is the limit
+    for p in probes:
+        p["peak_fwd_bwd_bytes"] = max(20_000, 1000 + 10 * p["tokens"])
+        p["peak_forward_bytes"] = 1000 + 10 * p["tokens"]
+    got = computed_max_seq(probes, budget=1000 + 10 * 4000, batch=1)
+    assert got["limiting_phase"] == "forward" and got["max_seq"] == 4000
     with pytest.raises(ValueError, match="did not grow"):
         max_seq_from_fit(0.0, 0.0, 10, 1)
 
@@ -250,3 +276,92 @@ def test_tiny_run_activation_figures_are_exact(tiny_run: tuple[dict[str, Any], P
     assert paca_total < methods["lora"]["memory"]["saved_activation_bytes"]
     assert methods["frozen"]["trainable_params"] == 0
     assert methods["paca"]["memory"]["optimizer_state_bytes"] > 0
+
+
+class _TrackedCPU:
+    """Builds a CPU backend that reports a peak counter like a device allocator does."""
+
+    @staticmethod
+    def make() -> type:
+        from paca_cpu.backend import CPUBackend
+
+        class TrackedCPU(CPUBackend):
+            name = "tracked-cpu"
+            priority = None
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.tracker: AllocationTracker | None = None
+
+            def reset_peak_memory(self) -> None:
+                self.close()
+                self.tracker = AllocationTracker()
+                self.tracker.__enter__()
+
+            def close(self) -> None:
+                if self.tracker is not None:
+                    self.tracker.__exit__(None, None, None)
+                    self.tracker = None
+
+            def memory_allocated(self) -> int | None:
+                return self.tracker.current if self.tracker else 0
+
+            def max_memory_allocated(self) -> int | None:
+                return self.tracker.peak if self.tracker else 0
+
+        return TrackedCPU
+
+
+@pytest.mark.slow
+def test_device_path_searches_max_seq_with_the_allocator_counter() -> None:
+    import paca
+    from paca._registry import registry
+    from paca.bench import run_benchmark
+
+    paca.register_backend(_TrackedCPU.make())
+    budget = 2 * 1024**2
+    cfg = preset(
+        "tiny",
+        backend="tracked-cpu",
+        methods=("paca", "lora"),
+        budget_bytes=budget,
+        seq_granularity=8,
+        seq_search_max=4096,
+        repeats=1,
+    )
+    try:
+        result = run_benchmark(cfg)
+    finally:
+        registry().instance("tracked-cpu").close()
+    for m in result["methods"].values():
+        found = m["max_seq_len"]
+        assert found["how"] == "searched" and found["budget_bytes"] == budget
+        assert found["max_seq"] > 0 and found["max_seq"] % 8 == 0
+        tried = {int(k): v for k, v in found["tried"].items()}
+        assert tried[found["max_seq"]] is True
+        assert any(not ok and n == found["max_seq"] + 8 for n, ok in tried.items())
+        assert m["memory"]["peak_source"] == "tracked-cpu-allocator"
+    seqs = {n: m["max_seq_len"]["max_seq"] for n, m in result["methods"].items()}
+    assert seqs["paca"] >= seqs["lora"]
+
+
+@pytest.mark.slow
+def test_rerender_from_json_reproduces_the_tables(
+    tiny_run: tuple[dict[str, Any], Path], tmp_path: Path
+) -> None:
+    from paca.cli.main import main
+
+    result, out = tiny_run
+    assert main(["bench", "--from-json", str(out / "bench.json"), "--out", str(tmp_path)]) == 0
+    again = json.loads((tmp_path / "bench.json").read_text())
+    assert again["ratios"] == result["ratios"] and len(again["rerendered_utc"]) == 1
+    assert (tmp_path / "bench.md").read_text() == (out / "bench.md").read_text()
+
+
+def test_rerender_refuses_other_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from paca.cli.main import main
+
+    bad = tmp_path / "other.json"
+    bad.write_text(json.dumps({"schema": "something-else"}))
+    assert main(["bench", "--from-json", str(bad), "--out", str(tmp_path / "o")]) == 1
+    assert "is not a paca-bench/1 result" in capsys.readouterr().err

@@ -124,3 +124,33 @@ def test_python_dash_m_paca_backends_in_a_fresh_process(tmp_path):
     assert "selected: cpu (environment (PACA_BACKEND=cpu))" in run.stdout
     assert "plugin error: plugin 'broken' from distribution paca-broken 1.2.3" in run.stdout
     assert "PluginLoadWarning" not in run.stderr
+
+
+@pytest.mark.slow
+def test_check_runs_the_conformance_suite_and_fails_on_a_broken_plugin(capsys, plugin_path):  # noqa: F811
+    make_distribution(
+        plugin_path,
+        "paca-sloppy",
+        {"sloppy": "sloppy_plugin"},
+        {
+            "sloppy_plugin": """
+                from paca.hookspecs import hookimpl
+                from paca_cpu import CPUBackend
+
+                class Sloppy(CPUBackend):
+                    name = "sloppy"
+                    def write_columns(self, weight, idx, columns):
+                        weight.index_copy_(1, idx, columns.to(weight.dtype) * 0)  # wrong values
+
+                @hookimpl
+                def paca_backends():
+                    return [Sloppy]
+            """
+        },
+    )
+    code, out = run_cli(capsys, "--check", "sloppy", "--no-compile")
+    assert code == 1
+    assert out.startswith("paca backend conformance: 'sloppy' on cpu:")
+    assert "FAILED  write_columns[float32]: write_columns (2-D weight): must be exact" in out
+    assert "FAILED  merge_unmerge[float32]" in out  # merge goes through write_columns
+    assert "PASSED  op_forward[float32]" in out and "SKIPPED compile" in out

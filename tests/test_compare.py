@@ -31,6 +31,12 @@ def _twin_cpu() -> type:
         def describe(self) -> dict[str, Any]:
             return {**super().describe(), "device_name": "twin CPU"}
 
+        def reset_peak_memory(self) -> None:  # a device that can tell its memory
+            self.resets = getattr(self, "resets", 0) + 1
+
+        def max_memory_allocated(self) -> int | None:
+            return 64 * 2**20 if getattr(self, "resets", 0) else None
+
     return TwinCPUBackend
 
 
@@ -62,6 +68,9 @@ def test_same_file_on_two_backends_gives_matching_losses(two_backends):
     assert len(_losses(cpu.path)) == 6
     assert _losses(twin.path) == pytest.approx(_losses(cpu.path), rel=1e-5, abs=1e-6)
     assert twin.summary["eval_loss"] == pytest.approx(cpu.summary["eval_loss"], rel=1e-5)
+    # peak memory comes from the backend's hooks (reset at train start), None where absent
+    assert twin.summary["peak_memory_bytes"] == 64 * 2**20
+    assert cpu.summary["peak_memory_bytes"] is None
 
 
 def test_compare_writes_markdown_table_and_png(two_backends, tmp_path: Path):
@@ -70,6 +79,7 @@ def test_compare_writes_markdown_table_and_png(two_backends, tmp_path: Path):
     assert "cpu" in table and "twin-cpu" in table and "tokens/s" in table
     md = result["markdown"].read_text()
     assert md.count("\n|") >= 4 and "| run | backend |" in md and "twin CPU" in md
+    assert "| 64 |" in md  # the twin's peak memory in MiB; the CPU's is n/a
     png = result["png"].read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
 

@@ -118,6 +118,21 @@ def test_compiled_model_has_no_graph_breaks_and_matches_eager():
     torch.testing.assert_close(yb.float(), ye.detach(), rtol=0.05, atol=0.05)
 
 
+@pytest.mark.slow
+def test_tiny_llama_traces_as_one_graph_with_an_opaque_node_per_paca_layer():
+    from paca.tiny.models import tiny_llama
+
+    projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = paca.wrap(tiny_llama(), paca.PacaConfig(r=4, target_modules=projections))
+    n_layers = sum(1 for _ in model.paca_layers())
+    ids = torch.randint(0, 100, (2, 16))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(input_ids=ids, labels=ids)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    nodes = [str(n.target) for g in explained.graphs for n in g.graph.nodes]
+    assert sum(t.startswith("paca.linear") for t in nodes) == n_layers > 0
+
+
 def test_first_sight_of_a_backend_inside_compile_says_what_to_do():
     from paca_cpu import CPUBackend
 

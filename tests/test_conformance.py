@@ -235,9 +235,12 @@ def test_pytest_entry_points_name_the_failed_item(pytester: pytest.Pytester):
     assert "returned the weight itself" in out
 
 
+@pytest.mark.slow
 def test_pytest_without_a_backend_says_how_to_name_one(pytester: pytest.Pytester, monkeypatch):
     monkeypatch.delenv("PACA_CONFORMANCE_BACKEND", raising=False)
     pytester.makepyfile(test_nothing="from paca.testing.conformance import *  # noqa\n")
     result = pytester.runpytest_inprocess("-k", "api", "-p", "no:cacheprovider")
     result.assert_outcomes(errors=1)
     assert "define a `paca_backend_name` fixture" in result.stdout.str()
+    monkeypatch.setenv("PACA_CONFORMANCE_BACKEND", "cpu")
+    pytester.runpytest_inprocess("-k", "api", "-p", "no:cacheprovider").assert_outcomes(passed=1)

@@ -224,3 +224,19 @@ def test_conv_input_is_padded_like_the_base_layer():
     ref = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), layer.base_layer.weight,
                    layer.base_layer.bias)  # fmt: skip
     torch.testing.assert_close(model(x), ref)
+
+
+@pytest.mark.slow
+def test_conv2d_compiles_without_graph_breaks_and_matches_eager():
+    model, layer = _wrapped_conv2d(kernel_size=3, padding=1)
+    x = torch.randn(2, 8, 6, 6)
+    assert torch._dynamo.explain(model)(x).graph_break_count == 0
+    y = model(x)
+    y.square().sum().backward()
+    eager_grad = layer.paca_delta["default"].grad.clone()
+    layer.paca_delta["default"].grad = None
+    compiled = torch.compile(model, backend="aot_eager")
+    yc = compiled(x)
+    yc.square().sum().backward()
+    torch.testing.assert_close(yc, y)
+    torch.testing.assert_close(layer.paca_delta["default"].grad, eager_grad)

@@ -9,11 +9,15 @@ import sys
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from paca import hookspecs
 from paca.backend_abc import Backend
 from paca.testing import CONTRACT, check_backend
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the tomli backport (a paca dependency there)
+    import tomli as tomllib
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "writing-a-backend.md"
 

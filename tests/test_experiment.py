@@ -281,6 +281,71 @@ def test_gaudi_trainer_only_on_hpu_with_optimum_habana():
     assert trainer_kind("hpu", find_spec=no_optimum) == "hf"
 
 
+def test_lazy_mode_must_agree_with_an_explicit_sdk_setting():
+    from paca.experiment.trainer import check_lazy_mode
+
+    check_lazy_mode(True, None)
+    check_lazy_mode(False, None)  # SW >= 1.21 defaults to eager
+    check_lazy_mode(True, "1")
+    check_lazy_mode(False, "0")
+    with pytest.raises(ExperimentError, match="lazy_mode = true but PT_HPU_LAZY_MODE=0"):
+        check_lazy_mode(True, "0")
+    with pytest.raises(ExperimentError, match="set PT_HPU_LAZY_MODE=0"):
+        check_lazy_mode(False, "1")
+
+
+def test_gaudi_trainer_gets_gaudi_arguments(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """Against a stand-in of optimum-habana's documented API (the real one needs Gaudi)."""
+    import sys
+    import types
+
+    from transformers import Trainer, TrainingArguments
+
+    from paca.experiment.trainer import build_trainer, common_arguments
+    from paca.integrations.transformers import PacaTrainer
+
+    seen: dict[str, Any] = {}
+
+    class GaudiConfig:
+        use_fused_adam = use_fused_clip_norm = None
+
+    def gaudi_training_arguments(**kwargs: Any) -> TrainingArguments:
+        seen["args"] = dict(kwargs)
+        gaudi_only = ("use_habana", "use_lazy_mode", "use_hpu_graphs_for_training",
+                      "gaudi_config_name")  # fmt: skip
+        plain = {k: v for k, v in kwargs.items() if k not in gaudi_only}
+        return TrainingArguments(use_cpu=True, **plain)  # this machine has no HPU
+
+    class GaudiTrainer(Trainer):
+        def __init__(self, model: Any = None, gaudi_config: Any = None, **kwargs: Any) -> None:
+            seen["gaudi_config"] = gaudi_config
+            super().__init__(model=model, **kwargs)
+
+    habana = types.ModuleType("optimum.habana")
+    habana.GaudiConfig, habana.GaudiTrainer = GaudiConfig, GaudiTrainer
+    habana.GaudiTrainingArguments = gaudi_training_arguments
+    optimum = types.ModuleType("optimum")
+    optimum.habana = habana
+    monkeypatch.setitem(sys.modules, "optimum", optimum)
+    monkeypatch.setitem(sys.modules, "optimum.habana", habana)
+    monkeypatch.delenv("PT_HPU_LAZY_MODE", raising=False)
+
+    exp = experiment_from_dict(tiny_experiment(tmp_path, train={"precision": "bf16"}))
+    prepared = _prepare({"name": "paca", "r": 4, "target_modules": ["q_proj"]})
+    kwargs = common_arguments(exp, tmp_path / "ckpt", "hpu", prepared.lr_scale)
+    trainer = build_trainer(exp, "gaudi", prepared.model, kwargs)
+    assert isinstance(trainer, PacaTrainer) and isinstance(trainer, GaudiTrainer)
+    args = seen["args"]
+    assert args["use_habana"] is True and args["use_lazy_mode"] is True
+    assert args["gaudi_config_name"] is None and args["bf16"] is True
+    assert "use_cpu" not in args and "fp16" not in args
+    assert seen["gaudi_config"].use_fused_clip_norm is True
+    assert seen["gaudi_config"].use_fused_adam is False
+    with pytest.raises(ExperimentError, match="fp16' is not supported on Gaudi"):
+        bad = experiment_from_dict(tiny_experiment(tmp_path, train={"precision": "fp16"}))
+        common_arguments(bad, tmp_path, "hpu", 1.0)
+
+
 # ------------------------------------------------------------------ full runs
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory: pytest.TempPathFactory):

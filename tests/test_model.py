@@ -159,3 +159,15 @@ def test_training_moves_only_selected_columns():
     for n, layer in model.paca_layers():
         assert not torch.equal(layer.paca_delta["default"], before[n])
         assert torch.equal(layer.base_layer.weight, original[f"{n}.weight"])
+
+
+def test_misspelled_target_among_valid_ones_warns_with_suggestion():
+    with pytest.warns(UserWarning, match=r"\['q_prj'\] matched no module.*q_proj"):
+        paca.wrap(Tiny(), paca.PacaConfig(r=2, target_modules=["q_prj", "v_proj"]))
+
+
+def test_deleting_the_only_adapter_is_refused():
+    model = paca.wrap(Tiny(), paca.PacaConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="only one.*unload"):
+        model.delete_adapter("default")
+    assert model.paca_config.r == 2

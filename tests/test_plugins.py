@@ -169,7 +169,9 @@ def test_raising_is_available_is_reported_and_never_auto_selected(plugin_path):
         flaky = {i.name: i for i in paca.list_backends()}["flaky"]
         assert paca.get_backend().name != "flaky"
     assert not flaky.available and flaky.distribution == "paca-broken"
-    assert flaky.reason == "is_available() raised OSError: driver crashed"
+    assert flaky.reason.startswith("is_available() raised OSError: driver crashed")
+    assert "a bug in paca-broken 1.2.3" in flaky.reason
+    assert "PACA_BLOCKED_BACKENDS=flaky" in flaky.reason
 
 
 def test_duplicate_names_between_plugins_name_both_providers(plugin_path):
@@ -206,8 +208,10 @@ def test_block_list_by_backend_plugin_or_distribution_name(plugin_path, monkeypa
     assert "toy" in names and "toy-off" not in names and "flaky" not in names
     blocked = registry().blocked()
     assert any("paca-broken" in b for b in blocked) and "backend 'toy-off' from paca-toy" in blocked
+    with pytest.raises(UnknownBackendError, match="'toy-off' is on the block list"):
+        paca.use_backend("toy-off")
     paca.block_backend("toy")
-    with pytest.raises(UnknownBackendError):
+    with pytest.raises(UnknownBackendError, match="block list"):
         paca.use_backend("toy")
 
 
@@ -220,7 +224,7 @@ def test_disable_autoload_keeps_only_builtins(plugin_path, monkeypatch):
         infos = paca.list_backends()
     assert {i.distribution for i in infos} == {"paca"}
     assert "cpu" in {i.name for i in infos} and registry().autoload_disabled()
-    with pytest.raises(UnknownBackendError):
+    with pytest.raises(UnknownBackendError, match="PACA_DISABLE_PLUGIN_AUTOLOAD is set"):
         paca.use_backend("toy")
 
 

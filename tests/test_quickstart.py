@@ -16,7 +16,8 @@ def test_default_job_lowers_the_loss():
 
 
 @pytest.mark.slow
-def test_paca_run_command_prints_summary(capsys):
+def test_paca_run_command_prints_summary(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a bare `paca run` writes its run folder under ./runs
     assert main(["run", "--steps", "20", "--backend", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "held-out loss:" in out and "trainable params:" in out

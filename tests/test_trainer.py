@@ -133,6 +133,7 @@ def test_paca_trainer_checkpoints_contain_only_the_adapter_and_resume(tmp_path):
         )
 
 
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")  # the control
 @pytest.mark.parametrize("via_paca", [True, False])
 def test_reentrant_checkpointing_reaches_paca_layers_of_a_pixel_model(via_paca):
     """transformers only hooks the embeddings for ``input_ids`` models; for ViT with a frozen

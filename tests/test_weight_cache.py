@@ -46,38 +46,40 @@ def _batches(n: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tenso
     ]
 
 
-def _train(model, batches, cached: bool, accumulate: int, **opt_kw):
+def _train(model, batches, cached: bool, accumulate: int, autocast: bool = False, **opt_kw):
     """Run the loop; return per-micro-batch losses, per-step grads and final deltas."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, **opt_kw)
     losses, grads = [], []
     with weight_cache.enabled(cached):
         for i, (x, y) in enumerate(batches):
-            loss = (model(x).float() - y).pow(2).mean() / accumulate
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = model(x)
+            loss = (out.float() - y).pow(2).mean() / accumulate
             loss.backward()
             losses.append(loss.detach())
             if (i + 1) % accumulate == 0:
                 grads.append([p.grad.clone() for p in params])
                 opt.step()
                 opt.zero_grad()
-        with torch.no_grad():  # an eval forward after the last step must see it too
-            final = model(batches[0][0])
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            final = model(batches[0][0])  # an eval forward after the last step must see it
     return losses, grads, [p.detach().clone() for p in params], final
 
 
 @pytest.mark.parametrize(
-    ("dtype", "fused"),
-    [(torch.float32, False), (torch.bfloat16, True)],
-    ids=["fp32-foreach-adamw", "bf16-fused-adamw"],
+    ("dtype", "fused", "autocast"),
+    [(torch.float32, False, False), (torch.bfloat16, True, False), (torch.float32, False, True)],
+    ids=["fp32-foreach-adamw", "bf16-fused-adamw", "fp32-weights-bf16-autocast"],
 )
-def test_cached_training_equals_per_call_training(dtype, fused):
+def test_cached_training_equals_per_call_training(dtype, fused, autocast):
     base = _model(dtype)
     cached_model = copy.deepcopy(base)
     batches = _batches(8, dtype)
     kw = {"fused": True} if fused else {}
-    want = _train(base, batches, cached=False, accumulate=2, **kw)
+    want = _train(base, batches, cached=False, accumulate=2, autocast=autocast, **kw)
     weight_cache.reset_stats()
-    got = _train(cached_model, batches, cached=True, accumulate=2, **kw)
+    got = _train(cached_model, batches, cached=True, accumulate=2, autocast=autocast, **kw)
     for a, b in zip(got[0], want[0], strict=True):
         assert torch.equal(a, b)
     for ga, gb in zip(got[1], want[1], strict=True):
@@ -89,6 +91,10 @@ def test_cached_training_equals_per_call_training(dtype, fused):
     # tensor; the per-call path would have rebuilt the whole weight 9 + 8 times per layer.
     s = weight_cache.stats()
     assert (s.rebuilds, s.column_writes, s.hits) == (3, 3 * 4, 3 * 4)
+    if autocast:  # the cache holds the bf16 compute copy: half the bytes, no cast per call
+        assert weight_cache.cached_bytes() == sum(
+            layer.base_layer.weight.numel() * 2 for _, layer in cached_model.paca_layers()
+        )
 
 
 def test_fused_adamw_does_not_bump_versions_but_the_cache_still_sees_the_step():

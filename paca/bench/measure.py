@@ -101,6 +101,8 @@ class MemoryProbe:
     optimizer_state_bytes: int
     transient_peak_bytes: int
     peak_bytes: int
+    #: Peak through the forward pass: every saved activation is alive at its end.
+    peak_forward_bytes: int
     #: Peak through forward and backward (activations, gradients): grows with tokens.
     peak_fwd_bwd_bytes: int
     #: Peak during ``optimizer.step`` (gradients, optimizer temporaries): does not.
@@ -157,10 +159,12 @@ def probe_memory(setup: MethodSetup, input_ids: torch.Tensor, backend: Backend) 
     try:
         with counter.count():
             out = setup.model(input_ids=input_ids, labels=input_ids)
+        backend.synchronize()
+        forward = phase_peak()
         out.loss.backward()
         del out
         backend.synchronize()
-        fwd_bwd = phase_peak()
+        fwd_bwd = max(forward, phase_peak())
         if opt is not None:
             opt.step()
         backend.synchronize()
@@ -183,6 +187,7 @@ def probe_memory(setup: MethodSetup, input_ids: torch.Tensor, backend: Backend) 
         optimizer_state_bytes=optimizer_state_bytes(opt),
         transient_peak_bytes=int(transient),
         peak_bytes=int(peak),
+        peak_forward_bytes=int(forward),
         peak_fwd_bwd_bytes=int(fwd_bwd),
         peak_optimizer_bytes=int(opt_peak),
         peak_source=source,

@@ -8,6 +8,11 @@ from typing import Any
 
 MIB = 1024**2
 
+NO_MATPLOTLIB = (
+    "the benchmark chart needs matplotlib: pip install matplotlib (or paca[plot]), "
+    "or pass --no-chart"
+)
+
 _LABELS = {"paca": "PaCA", "lora": "LoRA", "full": "Full FT", "frozen": "Frozen (bound)"}
 
 
@@ -88,7 +93,8 @@ def markdown_report(result: dict[str, Any]) -> str:
         lines += [
             "",
             f"Paired rounds: PaCA/LoRA step-time ratio median {paired['median']:.3f}; PaCA "
-            f"faster in {paired['rounds_paca_faster']} of {paired['rounds']} rounds.",
+            f"faster in {paired['rounds_paca_faster']} of {paired['rounds']} rounds; ratio of "
+            f"the fastest steps {_x(paired.get('ratio_of_minima'))}.",
         ]
     lines += [
         "",
@@ -104,7 +110,10 @@ def markdown_report(result: dict[str, Any]) -> str:
 def plot_chart(result: dict[str, Any], path: str | Path) -> Path:
     """A 2×2 bar chart: step time (median, min–max whiskers), saved activations, peak
     memory and max sequence length, one bar per method."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise RuntimeError(NO_MATPLOTLIB) from exc
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -137,7 +146,10 @@ def plot_chart(result: dict[str, Any], path: str | Path) -> Path:
     for ax, values, title, err in panels:
         bars = ax.bar(labels, values, color=col, yerr=err, capsize=4 if err else 0)
         ax.set_title(title)
-        ax.bar_label(bars, fmt="%.0f", fontsize=8)
+        if err:  # whiskers would hide a label on top of the bar: put it inside
+            ax.bar_label(bars, fmt="%.0f", fontsize=8, label_type="center", color="white")
+        else:
+            ax.bar_label(bars, fmt="%.0f", fontsize=8)
         ax.tick_params(axis="x", labelsize=9)
     env, cfg = result["environment"], result["config"]
     fig.suptitle(

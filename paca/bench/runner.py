@@ -130,6 +130,8 @@ def _timing_spread_overlap(methods: dict[str, dict[str, Any]]) -> dict[str, Any]
         "median": statistics.median(pairs),
         "rounds_paca_faster": sum(r < 1 for r in pairs),
         "rounds": len(pairs),
+        # the least-disturbed step of each: robust when other work shares the machine
+        "ratio_of_minima": min(p) / min(q) if min(q) else None,
     }
 
 
@@ -186,15 +188,31 @@ def run_benchmark(config: BenchConfig, progress: Progress | None = None) -> dict
         }
 
     env["load_average_end"] = load_average()
-    return {
-        "schema": SCHEMA,
-        "environment": env,
-        "config": config.to_dict(),
-        "methods": methods,
-        "ratios": {"vs_lora": ratios(methods, "lora"), "vs_frozen": ratios(methods, "frozen")},
-        "paired_paca_vs_lora": _timing_spread_overlap(methods),
-        "targets": check_targets(methods),
+    result = {"schema": SCHEMA, "environment": env, "config": config.to_dict(), "methods": methods}
+    return derive(result)
+
+
+def derive(result: dict[str, Any], refit: bool = False) -> dict[str, Any]:
+    """(Re)compute everything derived from the raw measurements in ``result``: ratios,
+    the paired PaCA/LoRA comparison and the targets; with ``refit`` also the computed
+    (CPU-path) max sequence lengths from the stored memory probes. Lets a saved
+    ``bench.json`` be re-rendered after a change in the analysis, without re-measuring.
+    """
+    methods = result["methods"]
+    if refit:
+        cfg = result["config"]
+        for m in methods.values():
+            if m["max_seq_len"].get("how") == "computed":
+                m["max_seq_len"] = computed_max_seq(
+                    m["memory_probes"], cfg["budget_bytes"], cfg["batch"]
+                )
+    result["ratios"] = {
+        "vs_lora": ratios(methods, "lora"),
+        "vs_frozen": ratios(methods, "frozen"),
     }
+    result["paired_paca_vs_lora"] = _timing_spread_overlap(methods)
+    result["targets"] = check_targets(methods)
+    return result
 
 
 def total_units(config: BenchConfig) -> int:

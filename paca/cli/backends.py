@@ -1,14 +1,18 @@
 """``paca backends``: every discovered backend, who provides it, whether it can run here,
 which one is selected and why, and every plugin problem (duplicates, load errors, blocks).
 
+``--check [NAME]`` runs the conformance suite (:mod:`paca.testing`) on a backend instead.
+
 Exit status: 0, or 1 when the backend that would be selected cannot be used (an unknown
-``PACA_BACKEND``, an unavailable ``--backend``), so scripts can check a machine with it.
+``PACA_BACKEND``, an unavailable ``--backend``) or, with ``--check``, when a contract item
+fails, so scripts can check a machine with it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,13 +22,29 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "backends",
         help="list discovered backends, their providers, and which one is selected and why",
-        description=__doc__,
+        description=(
+            "List every discovered backend: who provides it, whether it can run here, which "
+            "one is selected and why, and plugin problems (duplicates, load errors, blocks). "
+            "Exit status 1 when the backend that would be selected cannot be used, or with "
+            "--check when a contract item fails."
+        ),
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument(
         "--backend",
         metavar="NAME",
         help="show the selection as if NAME were chosen explicitly (checks that it can run)",
+    )
+    p.add_argument(
+        "--check",
+        nargs="?",
+        const="",
+        metavar="NAME",
+        help="run the conformance suite (paca.testing) on NAME (default: the selected backend) "
+        "and print which contract items pass or fail",
+    )
+    p.add_argument(
+        "--no-compile", action="store_true", help="with --check: skip the torch.compile item"
     )
     p.set_defaults(func=run)
 
@@ -162,5 +182,35 @@ def as_text(listing: Listing) -> str:
 
 def run(args: argparse.Namespace) -> int:
     listing = gather(getattr(args, "backend", None))
+    check = getattr(args, "check", None)
+    if check is not None:
+        return run_check(check or listing.selected, args)
     print(json.dumps(as_json(listing), indent=2) if args.json else as_text(listing))
     return 1 if listing.problem else 0
+
+
+def run_check(name: str | None, args: argparse.Namespace) -> int:
+    """``--check``: the conformance report for one backend; exit 1 if any item failed."""
+    if not name:
+        print("paca backends --check: no backend selected; name one", file=sys.stderr)
+        return 1
+    from paca.testing import check_backend
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = check_backend(name, run_compile=not getattr(args, "no_compile", False))
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "backend": report.backend,
+                    "device": report.device,
+                    "ok": report.ok,
+                    "results": [vars(r) for r in report.results],
+                },
+                indent=2,
+            )
+        )
+    else:
+        print(report.summary())
+    return 0 if report.ok else 1

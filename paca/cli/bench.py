@@ -43,6 +43,12 @@ def add_parser(sub: Any) -> None:
         "--budget-gib", type=float, default=None, help="memory budget for max seq (default 8)"
     )
     p.add_argument("--seq-points", default=None, help="comma list of probe lengths (CPU fit)")
+    p.add_argument(
+        "--from-json",
+        default=None,
+        metavar="BENCH_JSON",
+        help="re-render a saved bench.json (recompute ratios, fits, tables, chart) into --out",
+    )
     p.add_argument("--no-chart", action="store_true", help="skip bench.png")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -71,6 +77,14 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     from paca.bench import preset, run_benchmark, total_units, write_outputs
 
+    if args.from_json:
+        return _rerender(args)
+    import importlib.util
+
+    from paca.bench.report import NO_MATPLOTLIB
+
+    if not args.no_chart and importlib.util.find_spec("matplotlib") is None:
+        raise RuntimeError(NO_MATPLOTLIB)  # say so now, not after the whole run
     name = "quick" if args.quick else (args.preset or "default")
     config = preset(name, **_overrides(args))
     bar = None
@@ -91,5 +105,26 @@ def run(args: argparse.Namespace) -> int:
             bar.close()
     paths = write_outputs(result, args.out, chart=not args.no_chart)
     print((paths[1]).read_text(encoding="utf-8"))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _rerender(args: argparse.Namespace) -> int:
+    import datetime
+    import json
+    from pathlib import Path
+
+    from paca.bench import SCHEMA, write_outputs
+    from paca.bench.runner import derive
+
+    result = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
+    if result.get("schema") != SCHEMA:
+        raise ValueError(
+            f"{args.from_json} is not a {SCHEMA} result (schema {result.get('schema')!r})"
+        )
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    result.setdefault("rerendered_utc", []).append(stamp)  # the raw samples are unchanged
+    paths = write_outputs(derive(result, refit=True), args.out, chart=not args.no_chart)
+    print(paths[1].read_text(encoding="utf-8"))
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0

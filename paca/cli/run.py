@@ -118,7 +118,7 @@ def format_summary(s: dict[str, Any], run_dir: str) -> str:
         f"{s.get('steps', 0)} steps in {s.get('train_seconds', 0):.1f}s; median step "
         f"{_num(step_ms * 1000 if step_ms else None, '.1f')} ms, "
         f"{_num(s.get('tokens_per_second'), ',.0f')} tokens/s, peak memory "
-        f"{_num(s['peak_memory_bytes'] / 2**20 if s.get('peak_memory_bytes') else None, ',.0f')} MiB"
+        + (f"{s['peak_memory_bytes'] / 2**20:,.0f} MiB" if s.get("peak_memory_bytes") else "n/a")
     )
     lines.append(f"run folder: {run_dir}")
     return "\n".join(lines)

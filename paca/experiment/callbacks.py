@@ -72,6 +72,7 @@ class RunRecorder(TrainerCallback):
         self._t0 = 0.0
         self._counts0 = (0, 0, 0)
         self._start = time.time()
+        self.peak_memory: int | None = None  # training peak, taken when training ends
 
     def _counts(self) -> tuple[int, int, int]:
         c = self.counter
@@ -79,6 +80,10 @@ class RunRecorder(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.backend.reset_peak_memory()
+        self.peak_memory = None
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.peak_memory = self.backend.max_memory_allocated()  # before the final eval
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.backend.synchronize()
@@ -127,7 +132,11 @@ class RunRecorder(TrainerCallback):
             "step_time_median_s": statistics.median(self.step_seconds)
             if self.step_seconds
             else None,
-            "peak_memory_bytes": self.backend.max_memory_allocated(),
+            "peak_memory_bytes": (
+                self.peak_memory
+                if self.peak_memory is not None
+                else self.backend.max_memory_allocated()
+            ),
         }
 
 

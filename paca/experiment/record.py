@@ -84,12 +84,27 @@ def device_name(backend: Any, described: dict[str, Any]) -> str:
     """A human-readable device name: the backend's own, else torch's, else the type."""
     for key in ("device_name", "name", "device"):
         if described.get(key):
-            return str(described[key])
+            name = str(described[key])
+            if backend.device_type == "cpu" and name in {"x86_64", "aarch64", "arm64", "i386"}:
+                return _cpu_model() or name  # platform.processor() is only the ISA on Linux
+            return name
     import torch
 
     if backend.device_type == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_name()
     return backend.device_type
+
+
+def _cpu_model() -> str | None:
+    """The CPU's marketing name from /proc/cpuinfo (Linux), if there is one."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def environment(backend: Any) -> dict[str, Any]:

@@ -118,6 +118,26 @@ def _check_device(trainer: Any, model: Any) -> None:
         )
 
 
+def check_lazy_mode(lazy_mode: bool, env_value: str | None) -> None:
+    """``[hpu].lazy_mode`` must agree with ``PT_HPU_LAZY_MODE`` when that is set.
+
+    The SDK reads the variable once, at import; its default changed from lazy (SW <= 1.20)
+    to eager (SW >= 1.21), so only an explicit value can be checked here.
+    """
+    if env_value is None:
+        return
+    if lazy_mode and env_value == "0":
+        raise ExperimentError(
+            "[hpu].lazy_mode = true but PT_HPU_LAZY_MODE=0 (eager): unset it or set it to 1, "
+            "or set [hpu].lazy_mode = false"
+        )
+    if not lazy_mode and env_value != "0":
+        raise ExperimentError(
+            f"[hpu].lazy_mode = false but PT_HPU_LAZY_MODE={env_value}: set "
+            f"PT_HPU_LAZY_MODE=0 before the Gaudi SDK is imported"
+        )
+
+
 def _gaudi_trainer(exp: Experiment, model: Any, args_kwargs: dict, **trainer_kwargs: Any) -> Any:
     """GaudiTrainer with GaudiTrainingArguments (optimum-habana's documented API)."""
     from optimum.habana import GaudiConfig, GaudiTrainer, GaudiTrainingArguments
@@ -125,11 +145,7 @@ def _gaudi_trainer(exp: Experiment, model: Any, args_kwargs: dict, **trainer_kwa
     from paca.integrations.transformers import PacaTrainer
 
     h = exp.hpu
-    if not h.lazy_mode and os.environ.get("PT_HPU_LAZY_MODE", "1") != "0":
-        raise ExperimentError(
-            "[hpu].lazy_mode = false needs PT_HPU_LAZY_MODE=0 in the environment "
-            "before the Gaudi SDK is imported"
-        )
+    check_lazy_mode(h.lazy_mode, os.environ.get("PT_HPU_LAZY_MODE"))
     kwargs = {k: v for k, v in args_kwargs.items() if k not in {"use_cpu", "fp16"}}
     kwargs = _checkpointing_key(GaudiTrainingArguments, kwargs)
     args = GaudiTrainingArguments(

@@ -36,7 +36,11 @@ __all__ = ["PacaTrainer"]
 
 def _paca_model(trainer: Trainer, model: nn.Module | None = None) -> PacaModel | None:
     m = model if model is not None else trainer.model
-    unwrapped = trainer.accelerator.unwrap_model(m, keep_torch_compile=False)
+    try:
+        unwrapped = trainer.accelerator.unwrap_model(m, keep_torch_compile=False)
+    except TypeError:  # accelerate without keep_torch_compile
+        unwrapped = trainer.accelerator.unwrap_model(m)
+    unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)  # torch.compile'd
     return unwrapped if isinstance(unwrapped, PacaModel) else None
 
 

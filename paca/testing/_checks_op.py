@@ -111,6 +111,19 @@ def check_op_delta_grad(ctx: CheckContext, dtype: torch.dtype) -> str | None:
     return f"max relative error {err:.2g}"
 
 
+def _storage_key(t: torch.Tensor) -> object:
+    """Identifies the memory a tensor keeps alive. Devices whose tensors report no data
+    pointer (lazy-mode HPU tensors) are keyed by shape and dtype instead, which tells the
+    saved ``x[..., idx]`` apart from the weight, delta, idx and bias in this check."""
+    ptr = t.untyped_storage().data_ptr()
+    return ptr if ptr else ("no-pointer", tuple(t.shape), t.dtype)
+
+
+def _storage_bytes(t: torch.Tensor) -> tuple[object, int]:
+    nbytes = t.untyped_storage().nbytes() if t.untyped_storage().data_ptr() else 0
+    return _storage_key(t), nbytes or t.numel() * t.element_size()
+
+
 @_per_dtype(
     "saved_activations", "PaCA op saves only x[..., idx]: r/in of the input's bytes for backward"
 )
@@ -119,21 +132,19 @@ def check_saved_activations(ctx: CheckContext, dtype: torch.dtype) -> str | None
     dev = {k: ctx.on_device(v) for k, v in t.items()}
     x = dev["x"].requires_grad_(True)
     delta = dev["delta"].requires_grad_(True)
-    owned = {v.untyped_storage().data_ptr() for k, v in dev.items() if k not in ("x", "grad")} | {
-        delta.untyped_storage().data_ptr()
-    }
+    owned = {_storage_key(v) for k, v in dev.items() if k not in ("x", "grad")}
+    owned.add(_storage_key(delta))
     saved: list[torch.Tensor] = []
 
     def pack(v: torch.Tensor) -> torch.Tensor:
-        if v.untyped_storage().data_ptr() not in owned:  # parameters/buffers exist anyway
+        if _storage_key(v) not in owned:  # parameters/buffers exist anyway
             saved.append(v)
         return v
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda v: v):
         y = paca_linear(x, dev["weight"], dev["bias"], delta, dev["idx"], ctx.backend)
     # Whole storages count: a small view into a copy of x keeps all of x alive.
-    storages = {v.untyped_storage().data_ptr(): v.untyped_storage().nbytes() for v in saved}
-    got = sum(storages.values())
+    got = sum(dict(_storage_bytes(v) for v in saved).values())
     want = x.numel() // IN * R * x.element_size()
     if got != want:
         shapes = ", ".join(f"{tuple(v.shape)} {v.dtype}" for v in saved) or "nothing"

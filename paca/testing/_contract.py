@@ -58,6 +58,9 @@ class CheckContext:
     registered: bool = True
     #: Whether to run torch.compile for the "compile" capability (slowest item).
     run_compile: bool = True
+    #: False when ``backend`` was made without ``__init__`` because the backend is
+    #: unavailable here: only class-level declarations can be checked then.
+    constructed: bool = True
 
     def generator(self, salt: int = 0) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1000 + salt)

@@ -210,30 +210,33 @@ def check_backend(
     return report
 
 
+def result_without_instance(found: _Resolved, item_id: str) -> CheckResult:
+    """One item for a backend that has no instance here: its declarations are checked,
+    the rest is skipped (unavailable) or failed (constructing an available one raised)."""
+    item = CONTRACT[item_id]
+    if item_id in _WITHOUT_DEVICE:
+        try:
+            return run_item(item_id, declarations_context(found.cls))
+        except ContractViolation as exc:
+            return CheckResult(item_id, item.title, "failed", str(exc))
+    if found.broken:
+        return CheckResult(item_id, item.title, "failed", found.reason)
+    return CheckResult(item_id, item.title, "skipped", f"unavailable: {found.reason}")
+
+
 def _report_without_instance(found: _Resolved, chosen: list[str]) -> ConformanceReport:
-    """Check what can be checked without an instance; skip (or, when constructing an
-    available backend raised, fail) the rest."""
     report = ConformanceReport(found.cls.name, "unavailable")
-    for item_id in chosen:
-        item = CONTRACT[item_id]
-        if item_id in _WITHOUT_DEVICE:
-            try:
-                result = run_item(item_id, _declarations_context(found.cls))
-            except ContractViolation as exc:
-                result = CheckResult(item_id, item.title, "failed", str(exc))
-        elif found.broken:
-            result = CheckResult(item_id, item.title, "failed", found.reason)
-        else:
-            result = CheckResult(item_id, item.title, "skipped", f"unavailable: {found.reason}")
-        report.results.append(result)
+    report.results.extend(result_without_instance(found, item_id) for item_id in chosen)
     return report
 
 
-def _declarations_context(cls: type[Backend]) -> CheckContext:
+def declarations_context(cls: type[Backend]) -> CheckContext:
     """A context for checking an unavailable backend's declarations without constructing
     it the usual way (its ``__init__`` may need the missing device)."""
     try:
         proxy = object.__new__(cls)
     except TypeError as exc:  # abstract: some primitive is not implemented
         raise ContractViolation(f"{cls.__name__} cannot be instantiated: {exc}") from exc
-    return make_context(proxy, "cpu", registered=False, run_compile=False)
+    ctx = make_context(proxy, "cpu", registered=False, run_compile=False)
+    ctx.constructed = False
+    return ctx

@@ -1,8 +1,20 @@
-"""Each test starts with a fresh paca registry and no backend-selecting env vars."""
+"""Each test starts with a fresh paca registry and no backend-selecting env vars.
+
+If the package is not installed, its source is put on ``sys.path`` so the unit tests
+still run; the tests that need the ``paca.backends`` entry point then fail and say
+``pip install -e plugins/paca-example-backend``.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
+
+if importlib.util.find_spec("paca_example_backend") is None:  # pragma: no cover
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 
 @pytest.fixture(autouse=True)

@@ -32,7 +32,9 @@ def _train(backend: str, steps: int = 3) -> tuple[paca.PacaModel, list[float]]:
 
 
 def test_registered_through_its_entry_point_and_never_auto_selected():
-    info = {i.name: i for i in paca.list_backends()}["trace"]
+    infos = {i.name: i for i in paca.list_backends()}
+    assert "trace" in infos, "not installed: pip install -e plugins/paca-example-backend"
+    info = infos["trace"]
     assert info.distribution == "paca-example-backend" and info.available
     assert info.priority is None
     assert paca.get_backend().name != "trace"
@@ -41,6 +43,8 @@ def test_registered_through_its_entry_point_and_never_auto_selected():
 def test_records_every_primitive_per_step_and_computes_like_cpu(monkeypatch):
     monkeypatch.delenv("PACA_WEIGHT_CACHE", raising=False)
     _, want = _train("cpu")
+    if "trace" not in {i.name for i in paca.list_backends()}:
+        pytest.fail("not installed: pip install -e plugins/paca-example-backend", pytrace=False)
     backend = paca.use_backend("trace")
     assert isinstance(backend, TraceBackend)
     _, got = _train("trace")
@@ -122,3 +126,31 @@ def test_traced_unavailable_backend_says_why():
         cls.unavailable_reason()
         == "the traced backend 'missing' is unavailable: no device attached"
     )
+
+
+def test_trace_shows_what_the_effective_weight_cache_saves(monkeypatch):
+    """The kind of question the trace answers: what does PACA_WEIGHT_CACHE=step change?"""
+    from paca import weight_cache
+
+    monkeypatch.delenv("PACA_WEIGHT_CACHE", raising=False)
+    counts = {}
+    for cache in (False, True):
+        backend = TraceBackend()
+        model = paca.wrap(
+            _model(), paca.PacaConfig(r=4, target_modules=["0", "2"]), backend=backend
+        )
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        x = torch.randn(5, 16)
+        with weight_cache.enabled(cache):
+            for _ in range(2):
+                for _ in range(2):  # two micro-batches per optimizer step
+                    model(x).square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+        counts[cache] = backend.trace.counts(step=1)
+        weight_cache.clear()
+    # uncached: W_eff built per forward (2 layers x 2) and per backward needing dX (1 x 2)
+    assert counts[False].get("effective_weight") == 6 and "write_columns" not in counts[False]
+    # cached: the r changed columns are written once per layer per step instead
+    assert "effective_weight" not in counts[True] and counts[True]["write_columns"] == 2
+    assert counts[True]["linear"] == counts[False]["linear"] == 4
