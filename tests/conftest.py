@@ -24,6 +24,13 @@ def _fresh_registry(monkeypatch: pytest.MonkeyPatch):
     reset_registry()
 
 
+@pytest.fixture
+def plugin_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A folder on sys.path where tests create fake installed distributions."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
 

@@ -3,12 +3,12 @@ their distribution and never break discovery or use of the other backends."""
 
 from __future__ import annotations
 
-import textwrap
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import make_distribution
 
 import paca
 from paca._registry import PluginLoadWarning, UnknownBackendError, registry
@@ -87,25 +87,6 @@ BROKEN_MODULES = {
             return [Flaky]
     """,
 }
-
-
-def make_distribution(
-    root: Path, dist: str, entry_points: dict[str, str], modules: dict[str, str]
-) -> None:
-    """A fake installed distribution: a .dist-info folder plus modules on sys.path."""
-    info = root / f"{dist.replace('-', '_')}-1.2.3.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.2.3\n")
-    lines = ["[paca.backends]"] + [f"{k} = {v}" for k, v in entry_points.items()]
-    (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
-    for name, source in modules.items():
-        (root / f"{name}.py").write_text(textwrap.dedent(source))
-
-
-@pytest.fixture
-def plugin_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return tmp_path
 
 
 def install_toy(root: Path, dist: str = "paca-toy", module: str = "toy_plugin") -> None:

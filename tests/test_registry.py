@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import textwrap
 import warnings
-from pathlib import Path
 
 import pytest
+from helpers import make_distribution
 
 import paca
 from paca._registry import PluginLoadWarning, UnknownBackendError, registry
@@ -37,23 +36,6 @@ class ToyUnavailable(CPUBackend):
 def paca_backends():
     return [ToyBackend, ToyUnavailable]
 """
-
-
-def make_distribution(root: Path, dist: str, entry_points: dict[str, str], modules: dict[str, str]):
-    """A fake installed distribution: a .dist-info folder plus modules on sys.path."""
-    info = root / f"{dist.replace('-', '_')}-1.2.3.dist-info"  # normalized, as pip writes it
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.2.3\n")
-    lines = ["[paca.backends]"] + [f"{k} = {v}" for k, v in entry_points.items()]
-    (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
-    for name, source in modules.items():
-        (root / f"{name}.py").write_text(textwrap.dedent(source))
-
-
-@pytest.fixture
-def plugin_path(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return tmp_path
 
 
 def test_builtin_cpu_is_discovered_and_auto_selected():

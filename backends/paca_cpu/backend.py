@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import platform
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from paca.backend_abc import Backend
+from paca.environment import cpu_model
 
 
 class CPUBackend(Backend):
@@ -28,7 +28,7 @@ class CPUBackend(Backend):
     def describe(self) -> dict[str, Any]:
         return {
             **super().describe(),
-            "device_name": platform.processor() or platform.machine(),
+            "device_name": cpu_model(),
             "threads": torch.get_num_threads(),
         }
 

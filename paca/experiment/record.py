@@ -16,24 +16,20 @@ half-written summary.
 from __future__ import annotations
 
 import datetime as _dt
-import importlib.metadata
 import json
 import os
 import platform
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from paca.environment import cpu_model, git_commit, library_versions
 
 EXPERIMENT_FILE = "experiment.toml"
 ENVIRONMENT_FILE = "environment.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CHECKPOINTS = "checkpoints"
-_LIBRARIES = (
-    "paca", "torch", "transformers", "peft", "accelerate", "datasets", "safetensors",
-    "optimum-habana", "deepspeed", "triton",
-)  # fmt: skip
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -51,60 +47,19 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def library_versions() -> dict[str, str | None]:
-    """Installed versions of the libraries that decide a run's numbers (None: absent)."""
-    out: dict[str, str | None] = {}
-    for name in _LIBRARIES:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def git_commit(start: Path | None = None) -> dict[str, Any] | None:
-    """Commit and dirty flag of the git checkout holding ``start`` (default: paca's source)."""
-    where = start or Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10
-        )
-        if commit.returncode != 0:
-            return None
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=where, capture_output=True, text=True, timeout=10,
-        )  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
-
-
 def device_name(backend: Any, described: dict[str, Any]) -> str:
     """A human-readable device name: the backend's own, else torch's, else the type."""
     for key in ("device_name", "name", "device"):
         if described.get(key):
             name = str(described[key])
             if backend.device_type == "cpu" and name in {"x86_64", "aarch64", "arm64", "i386"}:
-                return _cpu_model() or name  # platform.processor() is only the ISA on Linux
+                return cpu_model() or name  # platform.processor() is only the ISA on Linux
             return name
     import torch
 
     if backend.device_type == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_name()
     return backend.device_type
-
-
-def _cpu_model() -> str | None:
-    """The CPU's marketing name from /proc/cpuinfo (Linux), if there is one."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
 
 
 def environment(backend: Any) -> dict[str, Any]:
