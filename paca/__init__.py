@@ -22,6 +22,7 @@ _LAZY = {
     "PacaModel": "paca.model",
     "wrap": "paca.model",
     "TargetModulesNotFoundError": "paca.model",
+    "ModulesToSaveError": "paca.model",
     "Backend": "paca.backend_abc",
     "BackendUnavailableError": "paca.backend_abc",
     "UnknownBackendError": "paca._registry",
@@ -38,7 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from paca.config import PacaConfig
     from paca.export import ExportError, export_lora
     from paca.io import AdapterMismatchError, load
-    from paca.model import PacaModel, TargetModulesNotFoundError, wrap
+    from paca.model import ModulesToSaveError, PacaModel, TargetModulesNotFoundError, wrap
 
 __all__ = [
     "AdapterMismatchError",
@@ -46,6 +47,7 @@ __all__ = [
     "BackendInfo",
     "BackendUnavailableError",
     "ExportError",
+    "ModulesToSaveError",
     "PacaConfig",
     "PacaModel",
     "TargetModulesNotFoundError",

@@ -9,7 +9,10 @@ size and ``lora_B`` a 1x1 conv, so a LoRA of rank ``r`` reaches only rank-``r`` 
 changes; PaCA's ``(out, r, kh, kw)`` delta has rank up to ``r*kh*kw``. The export
 therefore uses rank ``r*kh*kw`` there (``rank_pattern``): each ``A`` channel is a one-hot
 kernel picking one (input channel, kernel position), and ``B`` is the delta reshaped.
-The result loads with stock ``peft.PeftModel.from_pretrained``.
+Modules the adapter trains in full (``modules_to_save``) are written as PEFT writes its
+own ``modules_to_save``: ``base_model.model.<module>.<tensor>`` (PEFT adds the
+``modules_to_save.<adapter>.`` part back on load), their paths listed in the config's
+``modules_to_save``. The result loads with stock ``peft.PeftModel.from_pretrained``.
 """
 
 from __future__ import annotations
@@ -106,9 +109,16 @@ def export_lora(
         ranks[path] = int(a.shape[0])
     if not ranks:
         raise ExportError(f"adapter {name!r} has no layers to export")
+    saved: list[str] = []
+    for path, wrapper in paca_model.modules_to_save_wrappers():
+        if name in wrapper.modules_to_save:
+            for key, t in wrapper.modules_to_save[name].state_dict().items():
+                tensors[f"base_model.model.{path}.{key}"] = t.detach().cpu().contiguous()
+            saved.append(path)
     r = max(set(ranks.values()), key=list(ranks.values()).count)  # the most common rank
     pattern = {re.escape(p): k for p, k in ranks.items() if k != r}
     config = _lora_config(paca_model, sorted(ranks), r, pattern, fan_in_fan_out)
+    config["modules_to_save"] = sorted(saved) or None
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     _atomic_write(

@@ -1,9 +1,11 @@
 """Saving and loading PaCA adapters: ``adapter_model.safetensors`` + ``paca_config.json``.
 
 Only the adapter is written: per adapted module its ``delta`` and its ``idx`` (the
-trained columns). The saved indices are authoritative: a reload uses them as given and
-never re-runs a selection strategy, so it reproduces exactly the same columns even if a
-strategy's code changes or needed calibration data. The JSON records the
+trained columns), and per module in ``modules_to_save`` the adapter's trained copy
+(``<module>.modules_to_save.<tensor>``, e.g. ``classifier.modules_to_save.weight``).
+The saved indices are authoritative: a reload uses them as given and never re-runs a
+selection strategy, so it reproduces exactly the same columns even if a strategy's code
+changes or needed calibration data. The JSON records the
 :class:`~paca.config.PacaConfig` (strategy included) and, per module, its type and
 weight shape, so loading onto a different model is refused with a message saying what
 differs. Each file is written to a temporary name and renamed into place; both files
@@ -60,13 +62,18 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+#: infix of the saved tensors of a module trained in full (``modules_to_save``).
+SAVED_MODULE_INFIX = "modules_to_save"
+
+
 def adapter_tensors(
     model: PacaModel, adapter_name: str, state_dict: dict[str, torch.Tensor] | None = None
 ) -> dict[str, torch.Tensor]:
-    """``{"<module>.delta": delta, "<module>.idx": idx}`` of one adapter, on CPU.
+    """``{"<module>.delta": delta, "<module>.idx": idx}`` of one adapter, on CPU, plus
+    ``"<module>.modules_to_save.<key>"`` for the tensors of its ``modules_to_save`` copies.
 
-    With ``state_dict`` (as transformers' Trainer may pass one), deltas are read from it
-    where it holds them under their ``PacaModel`` state-dict key.
+    With ``state_dict`` (as transformers' Trainer may pass one), deltas and copies are read
+    from it where it holds them under their ``PacaModel`` state-dict key.
     """
     out: dict[str, torch.Tensor] = {}
     for path, layer in model.paca_layers():
@@ -77,7 +84,33 @@ def adapter_tensors(
             delta = state_dict.get(f"model.{path}.paca_delta.{adapter_name}", delta)
         out[f"{path}.delta"] = delta.detach().to("cpu").contiguous()
         out[f"{path}.idx"] = layer.paca_idx[adapter_name].detach().to("cpu").contiguous()
+    for path, copy in _saved_copies(model, adapter_name):
+        for key, tensor in copy.state_dict().items():
+            if state_dict is not None:
+                tensor = state_dict.get(
+                    f"model.{path}.modules_to_save.{adapter_name}.{key}", tensor
+                )
+            out[f"{path}.{SAVED_MODULE_INFIX}.{key}"] = tensor.detach().to("cpu").contiguous()
     return out
+
+
+def _saved_copies(model: PacaModel, adapter_name: str) -> list[tuple[str, nn.Module]]:
+    """``(path, trained copy)`` of each module ``adapter_name`` trains in full."""
+    return [
+        (path, wrapper.modules_to_save[adapter_name])
+        for path, wrapper in model.modules_to_save_wrappers()
+        if adapter_name in wrapper.modules_to_save
+    ]
+
+
+def _saved_module_records(model: PacaModel, adapter_name: str) -> dict[str, dict[str, Any]]:
+    return {
+        path: {
+            "type": f"{type(copy).__module__}.{type(copy).__qualname__}",
+            "tensors": {k: list(t.shape) for k, t in copy.state_dict().items()},
+        }
+        for path, copy in _saved_copies(model, adapter_name)
+    }
 
 
 def _module_records(model: PacaModel, adapter_name: str) -> dict[str, dict[str, Any]]:
@@ -133,6 +166,7 @@ def save_adapter(
         "config": model.paca_configs[adapter_name].to_dict(),
         "base_model": _base_identity(model.model),
         "modules": _module_records(model, adapter_name),
+        "modules_to_save": _saved_module_records(model, adapter_name),
     }
     fingerprint = _fingerprint(tensors, meta)
     meta["fingerprint"] = fingerprint
@@ -239,7 +273,12 @@ def read_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch
 
 def _check_model(view: nn.Module, meta: dict[str, Any], config: PacaConfig) -> None:
     """Refuse a model whose target modules or their shapes differ from the saved ones."""
-    from paca.model import TargetModulesNotFoundError, find_targets
+    from paca.model import (
+        ModulesToSaveError,
+        TargetModulesNotFoundError,
+        find_modules_to_save,
+        find_targets,
+    )
 
     modules = dict(view.named_modules())
     saved: dict[str, dict[str, Any]] = meta["modules"]
@@ -257,11 +296,42 @@ def _check_model(view: nn.Module, meta: dict[str, Any], config: PacaConfig) -> N
             problems.append(
                 f"module {path!r} has weight shape {shape}, the adapter has {rec['weight_shape']}"
             )
+    to_save: dict[str, dict[str, Any]] = meta.get("modules_to_save", {})
+    for path, rec in to_save.items():
+        module = modules.get(path)
+        if module is None:
+            problems.append(f"module {path!r} (modules_to_save) does not exist in this model")
+            continue
+        kind = f"{type(module).__module__}.{type(module).__qualname__}"
+        if kind != rec["type"]:
+            problems.append(
+                f"module {path!r} (modules_to_save) is a {kind}, the adapter was saved for "
+                f"{rec['type']}"
+            )
+            continue
+        have = {k: list(t.shape) for k, t in module.state_dict().items()}
+        for key in sorted(set(have) | set(rec["tensors"])):
+            if have.get(key) != rec["tensors"].get(key):
+                problems.append(
+                    f"module {path!r} (modules_to_save) has {key!r} of shape "
+                    f"{have.get(key)}, the adapter has {rec['tensors'].get(key)}"
+                )
     try:
         targets = {n for n, _ in find_targets(view, dataclasses.replace(config, indices=None))}
     except (TargetModulesNotFoundError, TypeError) as e:
         targets = set()
         problems.append(f"the saved target_modules do not apply to this model: {e}")
+    if not problems:
+        try:
+            matched = find_modules_to_save(view, config, targets)
+        except ModulesToSaveError as e:
+            problems.append(f"the saved modules_to_save do not apply to this model: {e}")
+        else:
+            if set(matched) != set(to_save):
+                problems.append(
+                    f"modules_to_save {config.modules_to_save} matches {sorted(matched)} in this "
+                    f"model, the adapter saved {sorted(to_save)}"
+                )
     extra = sorted(targets - set(saved))
     if extra:
         problems.append(
@@ -275,8 +345,10 @@ def _check_model(view: nn.Module, meta: dict[str, Any], config: PacaConfig) -> N
         )
 
 
-def _check_keys(saved: dict[str, dict[str, Any]], tensors: dict[str, torch.Tensor]) -> None:
-    expected = {f"{p}.{s}" for p in saved for s in ("delta", "idx")}
+def _check_keys(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    expected = {f"{p}.{s}" for p in meta["modules"] for s in ("delta", "idx")}
+    for path, rec in meta.get("modules_to_save", {}).items():
+        expected |= {f"{path}.{SAVED_MODULE_INFIX}.{k}" for k in rec["tensors"]}
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:
         raise AdapterMismatchError(
@@ -292,6 +364,17 @@ def _indices(saved: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[st
 def _copy_deltas(
     model: PacaModel, adapter_name: str, tensors: dict[str, torch.Tensor], check_idx: bool
 ) -> None:
+    copies = [  # (path, key, saved, live): shapes checked before anything is written
+        (path, key, tensors[f"{path}.{SAVED_MODULE_INFIX}.{key}"], dst)
+        for path, copy in _saved_copies(model, adapter_name)
+        for key, dst in copy.state_dict().items()
+    ]
+    for path, key, src, dst in copies:
+        if tuple(src.shape) != tuple(dst.shape):
+            raise AdapterMismatchError(
+                f"module {path!r} (modules_to_save): saved {key!r} has shape "
+                f"{tuple(src.shape)}, this model's has {tuple(dst.shape)}"
+            )
     for path, layer in model.paca_layers():
         if adapter_name not in layer.paca_delta:
             continue
@@ -309,6 +392,9 @@ def _copy_deltas(
             )
         with torch.no_grad():
             delta.copy_(src.to(device=delta.device, dtype=delta.dtype))
+    for _, _, src, dst in copies:
+        with torch.no_grad():
+            dst.copy_(src.to(device=dst.device, dtype=dst.dtype))
 
 
 def load_adapter(
@@ -318,7 +404,7 @@ def load_adapter(
     meta, tensors = read_adapter(directory)
     config = PacaConfig.from_dict(meta["config"])
     saved = meta["modules"]
-    _check_keys(saved, tensors)
+    _check_keys(meta, tensors)
     if adapter_name in model.paca_configs:
         raise ValueError(
             f"adapter {adapter_name!r} already exists; delete_adapter({adapter_name!r}) first "
@@ -337,12 +423,20 @@ def load_adapter_weights(model: PacaModel, directory: str | Path, adapter_name: 
     the saved adapter must cover the same modules and columns."""
     meta, tensors = read_adapter(directory)
     saved = meta["modules"]
-    _check_keys(saved, tensors)
+    _check_keys(meta, tensors)
     have = {p for p, layer in model.paca_layers() if adapter_name in layer.paca_delta}
     if have != set(saved):
         raise AdapterMismatchError(
             f"adapter {adapter_name!r} covers other modules than the saved one: only in the "
             f"model {sorted(have - set(saved))[:10]}, only saved {sorted(set(saved) - have)[:10]}"
+        )
+    have_copies = {p for p, _ in _saved_copies(model, adapter_name)}
+    saved_copies = set(meta.get("modules_to_save", {}))
+    if have_copies != saved_copies:
+        raise AdapterMismatchError(
+            f"adapter {adapter_name!r} trains other modules in full than the saved one "
+            f"(modules_to_save): only in the model {sorted(have_copies - saved_copies)}, only "
+            f"saved {sorted(saved_copies - have_copies)}"
         )
     _copy_deltas(model, adapter_name, tensors, check_idx=True)
 
@@ -353,6 +447,9 @@ def _set_trainable(model: PacaModel, adapter_name: str, trainable: bool) -> None
             layer.paca_delta[adapter_name].requires_grad_(
                 trainable and model.active_adapter == adapter_name
             )
+    for _, copy in _saved_copies(model, adapter_name):
+        for p in copy.parameters():
+            p.requires_grad_(trainable and model.active_adapter == adapter_name)
 
 
 def load(
@@ -377,7 +474,7 @@ def load(
     meta, tensors = read_adapter(directory)
     config = PacaConfig.from_dict(meta["config"])
     saved = meta["modules"]
-    _check_keys(saved, tensors)
+    _check_keys(meta, tensors)
     _check_model(_BaseView(model), meta, config)
     exact = dataclasses.replace(config, indices=_indices(saved, tensors))
     paca_model = wrap(model, exact, adapter_name=adapter_name, backend=backend)

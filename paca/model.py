@@ -161,10 +161,11 @@ def find_modules_to_save(model: nn.Module, config: PacaConfig, targets: Iterable
         close = sorted(
             {c for w in unmatched for c in difflib.get_close_matches(w, leaves + names, n=3)}
         )
-        hint = f"Did you mean: {', '.join(close)}?" if close else f"Names: {', '.join(leaves[:40])}."
+        hint = (
+            f"Did you mean: {', '.join(close)}?" if close else f"Names: {', '.join(leaves[:40])}."
+        )
         raise ModulesToSaveError(
-            f"modules_to_save entries {unmatched} match no module of {type(model).__name__}. "
-            f"{hint}"
+            f"modules_to_save entries {unmatched} match no module of {type(model).__name__}. {hint}"
         )
     found = [n for n in matched if not any(n.startswith(m + ".") for m in matched)]
     targets = list(targets)

@@ -263,8 +263,11 @@ def test_modules_to_save_are_trained_in_full_and_checked():
     p = _prepare(
         {"name": "paca", "r": 4, "target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}
     )
-    assert all(param.requires_grad for param in p.model.model.lm_head.parameters())
-    with pytest.raises(ExperimentError, match="modules_to_save names no module"):
+    head = p.model.model.lm_head  # a trainable copy; the pretrained head stays frozen
+    assert all(param.requires_grad for param in head.modules_to_save["default"].parameters())
+    assert not any(param.requires_grad for param in head.original_module.parameters())
+    assert p.trainable > 4 * p.model.model.model.layers[0].self_attn.q_proj.base_layer.out_features
+    with pytest.raises(ExperimentError, match=r"modules_to_save.*\['head'\] match no module"):
         _prepare({"name": "paca", "target_modules": ["q_proj"], "modules_to_save": ["head"]})
 
 
@@ -467,7 +470,14 @@ def test_image_classification_run_reports_accuracy(tmp_path: Path):
     s = run_experiment(exp, backend="cpu", run_dir=tmp_path / "r", progress=False).summary
     assert s["task"] == "image-classification" and 0 <= s["eval_accuracy"] <= 1
     assert s["samples_per_second"] > 0 and s["tokens_per_second"] is None
-    assert (tmp_path / "r" / "adapter" / "modules_to_save.safetensors").is_file()
+    adapter = tmp_path / "r" / "adapter"
+    assert sorted(p.name for p in adapter.iterdir()) == [
+        "adapter_model.safetensors",
+        "paca_config.json",
+    ]
+    from safetensors.torch import load_file
+
+    assert "classifier.modules_to_save.weight" in load_file(adapter / "adapter_model.safetensors")
 
 
 # ----------------------------------------------- shipped files on local stand-ins

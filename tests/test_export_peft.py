@@ -78,3 +78,34 @@ def test_dilated_conv_export_is_refused(tmp_path):
     model = paca.wrap(net, paca.PacaConfig(r=2, target_modules=["0"]))
     with pytest.raises(paca.ExportError, match="'0'.*dilation"):
         paca.export_lora(model, tmp_path)
+
+
+def test_modules_to_save_new_head_exports_as_peft_modules_to_save(tmp_path):
+    """A new 5-class head (the tiny "pretrained" ViT has 10) trained in full next to the
+    adapter comes back through stock PEFT's modules_to_save."""
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+
+    def build() -> nn.Module:
+        return tiny_vit(layers=1, num_labels=5)
+
+    cfg = paca.PacaConfig(r=2, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"])
+    model = paca.wrap(build(), cfg)
+    _randomize(model, 0.05)
+    head = model.model.classifier.modules_to_save["default"]
+    with torch.no_grad():
+        head.weight.add_(torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(5)))
+        head.bias.add_(1.0)
+    paca.export_lora(model, tmp_path)
+    conf = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert conf["modules_to_save"] == ["classifier"]
+    lora = peft.PeftModel.from_pretrained(build(), tmp_path)
+    assert len(_peft_lora_params(lora)) == 2 * len(list(model.paca_layers()))
+    peft_head = lora.base_model.model.classifier.modules_to_save["default"]
+    assert torch.equal(peft_head.weight, head.weight) and torch.equal(peft_head.bias, head.bias)
+    with torch.no_grad():
+        y_paca = model(pixel_values=pixels).logits
+        y_lora = lora(pixel_values=pixels).logits
+        with model.disable_adapter():
+            y_base = model(pixel_values=pixels).logits
+    assert y_paca.shape == (2, 5) and (y_paca - y_base).abs().max() > 1e-2
+    torch.testing.assert_close(y_lora, y_paca, rtol=1e-5, atol=1e-5)

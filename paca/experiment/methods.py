@@ -36,37 +36,6 @@ def _counts(model: nn.Module) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-def _unfreeze(model: nn.Module, names: list[str]) -> list[str]:
-    """Make the modules in ``names`` (matched by name suffix) fully trainable."""
-    hit = []
-    for mod_name, module in model.named_modules():
-        if any(mod_name == n or mod_name.endswith("." + n) for n in names):
-            if ".base_layer" in mod_name or ".paca_" in mod_name:
-                continue
-            for p in module.parameters():
-                p.requires_grad_(True)
-            hit.append(mod_name)
-    missing = [n for n in names if not any(h == n or h.endswith("." + n) for h in hit)]
-    if missing:
-        raise ExperimentError(f"[method].modules_to_save names no module of the model: {missing}")
-    return hit
-
-
-def _save_modules(model: nn.Module, hit: list[str], folder: Path) -> None:
-    """Save fully trained extra modules (e.g. a new classifier head) next to the adapter."""
-    if not hit:
-        return
-    from safetensors.torch import save_file
-
-    state = {
-        name: p.detach().cpu().contiguous()
-        for name, p in model.named_parameters()
-        if p.requires_grad and any(name.startswith(h + ".") for h in hit)
-    }
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(folder / "modules_to_save.safetensors"))
-
-
 def prepare_paca(model: nn.Module, section: MethodSection, seed: int, backend: Any) -> Prepared:
     import paca
 
@@ -76,19 +45,16 @@ def prepare_paca(model: nn.Module, section: MethodSection, seed: int, backend: A
         exclude_modules=section.exclude_modules or None,
         seed=section.seed if section.seed >= 0 else seed,
         selection=section.selection,
+        modules_to_save=section.modules_to_save or None,
     )
-    pm = paca.wrap(model, config, backend=backend)
-    hit = _unfreeze(pm, section.modules_to_save)
+    try:
+        pm = paca.wrap(model, config, backend=backend)
+    except paca.ModulesToSaveError as e:
+        raise ExperimentError(f"[method].modules_to_save: {e}") from None
 
     def save(run_dir: Path) -> Path:
         folder = run_dir / "adapter"
-        saver = getattr(pm, "save_pretrained", None)
-        if saver is None:
-            raise RuntimeError(
-                "this paca version has no PacaModel.save_pretrained; cannot save the adapter"
-            )
-        saver(str(folder))
-        _save_modules(pm, hit, folder)
+        pm.save_pretrained(str(folder))  # modules_to_save copies included
         return folder
 
     trainable, total = pm.trainable_parameters()

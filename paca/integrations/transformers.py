@@ -110,7 +110,8 @@ class PacaTrainer(Trainer):
 
 
 def _adapter_entries(state_dict: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Keep only delta entries of a (possibly consolidated) state dict, if one was given."""
+    """Keep only delta and modules_to_save-copy entries of a (possibly consolidated) state
+    dict, if one was given."""
     if state_dict is None:
         return None
-    return {k: v for k, v in state_dict.items() if ".paca_delta." in k}
+    return {k: v for k, v in state_dict.items() if ".paca_delta." in k or ".modules_to_save." in k}
