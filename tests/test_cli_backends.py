@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from test_plugins import install_broken, install_toy, make_distribution, plugin_path  # noqa: F401
+from test_plugins import install_broken, install_toy, make_distribution  # noqa: F401
 
 from paca.cli.main import main
 
@@ -37,7 +37,7 @@ def test_lists_builtins_and_the_auto_selection(capsys):
     assert "selected: cpu (auto-detected (highest-priority available backend))" in out
 
 
-def test_plugins_duplicates_errors_and_reasons(capsys, plugin_path):  # noqa: F811
+def test_plugins_duplicates_errors_and_reasons(capsys, plugin_path):
     install_toy(plugin_path, "paca-toy")
     install_toy(plugin_path, "paca-toy-fork", "toy_fork_plugin")
     install_broken(plugin_path)
@@ -58,7 +58,7 @@ def test_plugins_duplicates_errors_and_reasons(capsys, plugin_path):  # noqa: F8
     assert "Warning" not in out  # problems are listed once, not also as warnings
 
 
-def test_selection_reasons_env_and_explicit(capsys, plugin_path, monkeypatch):  # noqa: F811
+def test_selection_reasons_env_and_explicit(capsys, plugin_path, monkeypatch):
     install_toy(plugin_path)
     monkeypatch.setenv("PACA_BACKEND", "toy")
     code, out = run_cli(capsys)
@@ -77,7 +77,7 @@ def test_selection_reasons_env_and_explicit(capsys, plugin_path, monkeypatch):  
     assert code == 1 and "no installed plugin provides a backend named 'tpu'" in out
 
 
-def test_blocked_and_autoload_notes(capsys, plugin_path, monkeypatch):  # noqa: F811
+def test_blocked_and_autoload_notes(capsys, plugin_path, monkeypatch):
     install_toy(plugin_path)
     monkeypatch.setenv("PACA_BLOCKED_BACKENDS", "paca-toy")
     _, out = run_cli(capsys)
@@ -93,7 +93,7 @@ def test_blocked_and_autoload_notes(capsys, plugin_path, monkeypatch):  # noqa: 
     assert "paca-toy" not in out
 
 
-def test_json_output(capsys, plugin_path):  # noqa: F811
+def test_json_output(capsys, plugin_path):
     install_toy(plugin_path)
     code, out = run_cli(capsys, "--json")
     data = json.loads(out)
@@ -127,7 +127,7 @@ def test_python_dash_m_paca_backends_in_a_fresh_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_check_runs_the_conformance_suite_and_fails_on_a_broken_plugin(capsys, plugin_path):  # noqa: F811
+def test_check_runs_the_conformance_suite_and_fails_on_a_broken_plugin(capsys, plugin_path):
     make_distribution(
         plugin_path,
         "paca-sloppy",
