@@ -31,6 +31,18 @@ def plugin_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+@pytest.fixture(autouse=True)
+def _no_leaked_mixed_precision():
+    """transformers 4.x ``TrainingArguments(bf16=True)`` sets ``ACCELERATE_MIXED_PRECISION``
+    in ``os.environ`` for good: every later Trainer in the process would autocast."""
+    before = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    yield
+    if before is None:
+        os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
+    else:
+        os.environ["ACCELERATE_MIXED_PRECISION"] = before
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
 

@@ -51,3 +51,25 @@ def make_distribution(
     (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
     for name, source in modules.items():
         (root / f"{name}.py").write_text(textwrap.dedent(source))
+
+
+#: Leaf names of a transformers ViT's attention projections, by role: transformers 5.x
+#: names them ``layers.N.attention.q_proj``, 4.x ``encoder.layer.N.attention.attention.query``.
+VIT_PROJECTION_NAMES = {"q": ("q_proj", "query"), "k": ("k_proj", "key"), "v": ("v_proj", "value")}
+
+
+def vit_projections(model: nn.Module, *roles: str) -> list[str]:
+    """The leaf names of ``model``'s ViT attention projections ``roles`` (``"q"``, ``"k"``,
+    ``"v"``) as the installed transformers calls them, for ``target_modules``.
+
+    Exactly one spelling per role must name ``nn.Linear`` layers of the model, so a rename
+    in a future transformers fails here instead of silently targeting nothing.
+    """
+    leaves = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    names = []
+    for role in roles:
+        spellings = VIT_PROJECTION_NAMES[role]
+        found = [n for n in spellings if n in leaves]
+        assert len(found) == 1, f"ViT {role} projection: expected one of {spellings}"
+        names.append(found[0])
+    return names

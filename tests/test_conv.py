@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import params_and_buffers, saved_activation_bytes
+from helpers import params_and_buffers, saved_activation_bytes, vit_projections
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -203,9 +203,8 @@ def test_all_linear_skips_conv2d_but_explicit_targets_reach_it():
     vit = tiny_vit()
     model = paca.wrap(vit, paca.PacaConfig(r=2))
     assert not any(isinstance(layer, PacaConv2d) for _, layer in model.paca_layers())
-    model = paca.wrap(
-        tiny_vit(), paca.PacaConfig(r=2, target_modules=["projection", "q_proj", "v_proj"])
-    )
+    targets = ["projection", *vit_projections(tiny_vit(), "q", "v")]
+    model = paca.wrap(tiny_vit(), paca.PacaConfig(r=2, target_modules=targets))
     conv = [n for n, layer in model.paca_layers() if isinstance(layer, PacaConv2d)]
     assert conv == ["vit.embeddings.patch_embeddings.projection"]
     pixels = torch.randn(2, 3, 32, 32)

@@ -349,6 +349,23 @@ def test_gaudi_trainer_gets_gaudi_arguments(monkeypatch: pytest.MonkeyPatch, tmp
         common_arguments(bad, tmp_path, "hpu", 1.0)
 
 
+def test_a_bf16_trainer_leaves_the_next_fp32_one_unmixed(tmp_path: Path):
+    """transformers 4.x TrainingArguments(bf16=True) write ACCELERATE_MIXED_PRECISION into
+    the environment; a later fp32 experiment in the same process must not autocast."""
+    import os
+
+    from paca.experiment.trainer import build_trainer, common_arguments
+
+    before = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    for precision, expected in (("bf16", "bf16"), ("fp32", "no")):
+        exp = experiment_from_dict(tiny_experiment(tmp_path, train={"precision": precision}))
+        prepared = _prepare({"name": "paca", "r": 4, "target_modules": ["q_proj"]})
+        kwargs = common_arguments(exp, tmp_path / precision, "cpu", prepared.lr_scale)
+        trainer = build_trainer(exp, "hf", prepared.model, kwargs)
+        assert trainer.accelerator.mixed_precision == expected
+        assert os.environ.get("ACCELERATE_MIXED_PRECISION") == before
+
+
 # ------------------------------------------------------------------ full runs
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory: pytest.TempPathFactory):

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from helpers import vit_projections
 from torch import nn
 
 import paca
@@ -66,7 +67,8 @@ def test_conv1d_gpt2_export_matches(tmp_path):
 
 def test_conv2d_vit_export_matches_with_per_position_rank(tmp_path):
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    cfg = paca.PacaConfig(r=2, target_modules=["projection", "q_proj", "v_proj"])
+    targets = ["projection", *vit_projections(tiny_vit(layers=1), "q", "v")]
+    cfg = paca.PacaConfig(r=2, target_modules=targets)
     _check(lambda: tiny_vit(layers=1), cfg, {"pixel_values": pixels}, tmp_path, std=0.2)
     conf = json.loads((tmp_path / "adapter_config.json").read_text())
     assert list(conf["rank_pattern"].values()) == [2 * 8 * 8]  # r * kh * kw for the 8x8 patches
@@ -88,7 +90,8 @@ def test_modules_to_save_new_head_exports_as_peft_modules_to_save(tmp_path):
     def build() -> nn.Module:
         return tiny_vit(layers=1, num_labels=5)
 
-    cfg = paca.PacaConfig(r=2, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"])
+    targets = vit_projections(build(), "q", "v")
+    cfg = paca.PacaConfig(r=2, target_modules=targets, modules_to_save=["classifier"])
     model = paca.wrap(build(), cfg)
     _randomize(model, 0.05)
     head = model.model.classifier.modules_to_save["default"]

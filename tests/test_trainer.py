@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import vit_projections
 from transformers import Trainer, TrainingArguments
 
 import paca
@@ -12,6 +13,14 @@ from paca.integrations.transformers import PacaTrainer
 from paca.tiny import tiny_llama
 
 pytestmark = pytest.mark.slow
+
+#: transformers 5 renamed ``gradient_checkpointing`` (TrainingArguments field, model method
+#: and flag) to ``activation_checkpointing``; 4.x has only the old name. Use the newest.
+CKPT = (
+    "activation_checkpointing"
+    if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+    else "gradient_checkpointing"
+)
 
 
 class Rows(torch.utils.data.Dataset):
@@ -69,15 +78,12 @@ def _model() -> paca.PacaModel:
     [
         {},
         {
-            "activation_checkpointing": True,
+            CKPT: True,
             "gradient_accumulation_steps": 2,
             "per_device_train_batch_size": 2,
             "bf16": True,
         },
-        {
-            "activation_checkpointing": True,
-            "activation_checkpointing_kwargs": {"use_reentrant": True},
-        },
+        {CKPT: True, f"{CKPT}_kwargs": {"use_reentrant": True}},
     ],
     ids=["plain", "ckpt-accum-bf16", "reentrant-ckpt"],
 )
@@ -88,7 +94,7 @@ def test_stock_trainer_trains_and_loss_decreases(tmp_path, opts):
         model=model, args=_args(tmp_path, **opts), train_dataset=Rows(), data_collator=_collate
     )
     trainer.train()
-    assert model.model.is_activation_checkpointing == bool(opts.get("activation_checkpointing"))
+    assert getattr(model.model, f"is_{CKPT}") == bool(opts.get(CKPT))
     assert trainer.accelerator.mixed_precision == ("bf16" if opts.get("bf16") else "no")
     losses = _losses(trainer)
     assert len(losses) == 8
@@ -140,10 +146,11 @@ def test_reentrant_checkpointing_reaches_paca_layers_of_a_pixel_model(via_paca):
     patch embedding, reentrant checkpointing would cut every delta off the graph."""
     from paca.tiny import tiny_vit
 
-    model = paca.wrap(tiny_vit(layers=1), paca.PacaConfig(r=4, target_modules=["q_proj"]))
-    kwargs = {"activation_checkpointing_kwargs": {"use_reentrant": True}}
-    (model if via_paca else model.model).activation_checkpointing_enable(**kwargs)
-    assert model.model.is_activation_checkpointing
+    targets = vit_projections(tiny_vit(layers=1), "q")
+    model = paca.wrap(tiny_vit(layers=1), paca.PacaConfig(r=4, target_modules=targets))
+    kwargs = {f"{CKPT}_kwargs": {"use_reentrant": True}}
+    getattr(model if via_paca else model.model, f"{CKPT}_enable")(**kwargs)
+    assert getattr(model.model, f"is_{CKPT}")
     model.train()
     pixels = torch.randn(2, 3, 32, 32)
     loss = model(pixel_values=pixels, labels=torch.tensor([0, 1])).loss

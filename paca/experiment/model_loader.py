@@ -47,6 +47,16 @@ def _dtype(section: ModelSection) -> torch.dtype:
     return _TORCH_DTYPES.get(section.dtype, torch.float32)
 
 
+def _dtype_keyword() -> str:
+    """``from_pretrained``'s dtype argument: ``dtype`` since transformers 4.56 (``torch_dtype``,
+    its old name, is deprecated there); 4.55, which optimum-habana pins, knows only
+    ``torch_dtype`` and passes an unknown ``dtype`` on to the model's constructor."""
+    import transformers
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers.__version__).release >= (4, 56) else "torch_dtype"
+
+
 def load_model(section: ModelSection, seed: int = 0, num_labels: int = 0) -> LoadedModel:
     """Build or load ``section.name``; ``num_labels`` resizes a classifier head when > 0."""
     name = section.name
@@ -117,7 +127,7 @@ def _load_pretrained(section: ModelSection, name: str, source: str, num_labels: 
         common["revision"] = section.revision
     config = AutoConfig.from_pretrained(name, **common)
     task = section.task if section.task != "auto" else _infer_task(config)
-    kwargs: dict[str, Any] = {**common, "dtype": _dtype(section)}
+    kwargs: dict[str, Any] = {**common, _dtype_keyword(): _dtype(section)}
     if section.attn_implementation:
         kwargs["attn_implementation"] = section.attn_implementation
     tok_name = section.tokenizer or name

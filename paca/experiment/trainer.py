@@ -10,9 +10,11 @@ the whole base model) and reload it for ``resume_from_checkpoint``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,15 +90,36 @@ def build_trainer(
 ) -> Any:
     """A Trainer (``kind`` from :func:`trainer_kind`) with PaCA-sized checkpoints."""
     if kind == "gaudi":
-        return _gaudi_trainer(exp, model, args_kwargs, **trainer_kwargs)
+        with _precision_env_kept():
+            return _gaudi_trainer(exp, model, args_kwargs, **trainer_kwargs)
     from transformers import TrainingArguments
 
     from paca.integrations.transformers import PacaTrainer
 
-    args = TrainingArguments(**_checkpointing_key(TrainingArguments, args_kwargs))
-    trainer = PacaTrainer(model=model, args=args, **trainer_kwargs)
+    with _precision_env_kept():
+        args = TrainingArguments(**_checkpointing_key(TrainingArguments, args_kwargs))
+        trainer = PacaTrainer(model=model, args=args, **trainer_kwargs)
     _check_device(trainer, model)
     return trainer
+
+
+@contextlib.contextmanager
+def _precision_env_kept() -> Iterator[None]:
+    """Restore ``ACCELERATE_MIXED_PRECISION`` once the Trainer (and its Accelerator) exists.
+
+    transformers 4.x ``TrainingArguments(bf16=True)`` (or fp16) writes it into
+    ``os.environ`` and nothing resets it, so every later Trainer in the process, an fp32
+    experiment included, would silently autocast too. (5.x does not write it.)
+    """
+    key = "ACCELERATE_MIXED_PRECISION"
+    before = os.environ.get(key)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
 
 
 def _checkpointing_key(args_cls: type, kwargs: dict) -> dict:
