@@ -36,7 +36,8 @@ from paca.steps import queue_backward_end
 _KEY_ATTR = "_paca_op_key"
 _BACKENDS: dict[str, Backend] = {}
 
-_BASE_WEIGHT_GRAD_MESSAGE = (
+#: Raised by every PaCA op (linear, conv) whose base weight was unfrozen.
+BASE_WEIGHT_GRAD_MESSAGE = (
     "a PaCA layer's base weight requires grad, but PaCA saves only the selected "
     "input channels and cannot compute a dense weight gradient. Keep base weights "
     "frozen (paca.wrap does this) or unload the adapter for full fine-tuning."
@@ -341,7 +342,7 @@ def paca_linear(
     once per optimizer step instead of once per call.
     """
     if weight.requires_grad and torch.is_grad_enabled():
-        raise RuntimeError(_BASE_WEIGHT_GRAD_MESSAGE)
+        raise RuntimeError(BASE_WEIGHT_GRAD_MESSAGE)
     key = backend_key(backend)
     compute = autocast_dtype(x.device.type)
     if torch.compiler.is_compiling():

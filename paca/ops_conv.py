@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from paca.backend_abc import Backend
-from paca.ops import autocast_dtype
+from paca.ops import BASE_WEIGHT_GRAD_MESSAGE, autocast_dtype
 from paca.steps import queue_backward_end
 
 Pair = tuple[int, int]
@@ -36,11 +36,7 @@ class PacaConv2dFunction(torch.autograd.Function):
         geometry: tuple[Pair, Pair, Pair],
     ) -> torch.Tensor:
         if ctx.needs_input_grad[1]:
-            raise RuntimeError(
-                "a PaCA Conv2d's base weight requires grad, but PaCA saves only the selected "
-                "input channels and cannot compute a dense kernel gradient. Keep base weights "
-                "frozen (paca.wrap does this) or unload the adapter for full fine-tuning."
-            )
+            raise RuntimeError(BASE_WEIGHT_GRAD_MESSAGE)
         stride, padding, dilation = geometry
         device_type = x.device.type
         compute = autocast_dtype(device_type)
