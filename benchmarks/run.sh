@@ -6,7 +6,7 @@
 #   benchmarks/run.sh cuda --dtype bfloat16  # any further `paca bench` options
 #   NAME=h100-bf16 benchmarks/run.sh cuda    # choose the results folder name
 #
-# The default config took 10-40 minutes on 2 shared CPU cores (load-dependent); `paca bench --quick`
+# The default config takes about 4 minutes on 2 idle CPU cores (10-40 when shared); `paca bench --quick`
 # is the one-minute smoke version. Run nothing else heavy meanwhile: steps are timed.
 set -euo pipefail
 backend="${1:-auto}"
