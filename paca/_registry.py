@@ -29,15 +29,12 @@ import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pluggy
 
 from paca import hookspecs
 from paca.backend_abc import BACKEND_API_VERSION, Backend, BackendUnavailableError
-
-if TYPE_CHECKING:  # pragma: no cover
-    pass
 
 logger = logging.getLogger("paca.registry")
 
