@@ -73,3 +73,31 @@ def vit_projections(model: nn.Module, *roles: str) -> list[str]:
         assert len(found) == 1, f"ViT {role} projection: expected one of {spellings}"
         names.append(found[0])
     return names
+
+
+#: Source of a fake backend plugin module: an available "toy" backend (never
+#: auto-selected) and an unavailable, high-priority "toy-off" one.
+TOY_PLUGIN = """
+from paca.hookspecs import hookimpl
+from paca_cpu import CPUBackend
+
+class Toy(CPUBackend):
+    name = "toy"
+    priority = None
+
+class ToyOff(CPUBackend):
+    name = "toy-off"
+    priority = 100
+
+    @classmethod
+    def is_available(cls):
+        return False
+
+    @classmethod
+    def unavailable_reason(cls):
+        return "no toy device attached"
+
+@hookimpl
+def paca_backends():
+    return [Toy, ToyOff]
+"""

@@ -8,35 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_distribution
+from helpers import TOY_PLUGIN, make_distribution
 
 import paca
 from paca._registry import PluginLoadWarning, UnknownBackendError, registry
 
-TOY = """
-from paca.hookspecs import hookimpl
-from paca_cpu import CPUBackend
-
-class Toy(CPUBackend):
-    name = "toy"
-    priority = None
-
-class ToyOff(CPUBackend):
-    name = "toy-off"
-    priority = 100
-
-    @classmethod
-    def is_available(cls):
-        return False
-
-    @classmethod
-    def unavailable_reason(cls):
-        return "no toy device attached"
-
-@hookimpl
-def paca_backends():
-    return [Toy, ToyOff]
-"""
+TOY = TOY_PLUGIN  # one toy plugin for every registry test
 
 BROKEN_MODULES = {
     "import_error": "raise ImportError('vendor SDK missing')\n",

@@ -7,35 +7,12 @@ import sys
 import warnings
 
 import pytest
-from helpers import make_distribution
+from helpers import TOY_PLUGIN, make_distribution
 
 import paca
 from paca._registry import PluginLoadWarning, UnknownBackendError, registry
 
-GOOD_PLUGIN = """
-from paca.hookspecs import hookimpl
-from paca_cpu import CPUBackend
-
-class ToyBackend(CPUBackend):
-    name = "toy"
-    priority = None
-
-class ToyUnavailable(CPUBackend):
-    name = "toy-off"
-    priority = 100
-
-    @classmethod
-    def is_available(cls):
-        return False
-
-    @classmethod
-    def unavailable_reason(cls):
-        return "no toy device attached"
-
-@hookimpl
-def paca_backends():
-    return [ToyBackend, ToyUnavailable]
-"""
+GOOD_PLUGIN = TOY_PLUGIN
 
 
 def test_builtin_cpu_is_discovered_and_auto_selected():
