@@ -13,61 +13,101 @@ reference for every member are in ``docs/writing-a-backend.md``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; keeps `import paca` light
     import torch
     from torch import nn
 
-#: Version of the backend API. A plugin declares the version it was written
-#: against in ``Backend.api_version``; the registry refuses a mismatch with a
-#: message naming the plugin instead of failing deep inside a training step.
-BACKEND_API_VERSION = 1
+#: Version of the backend API as ``(major, minor)``. A plugin declares the version it was
+#: written against in ``Backend.api_version``. Minor versions only add members with
+#: defaults, so a plugin for an older minor keeps loading; a different major (or a minor
+#: newer than this paca knows) is refused with a message naming the plugin.
+BACKEND_API_VERSION: tuple[int, int] = (2, 0)
 
-#: Capability names a backend may declare in ``Backend.capabilities``.
+#: Capability names a backend may declare in ``Backend.capabilities``; each one is read
+#: by the core and exercised by the conformance suite (``docs/writing-a-backend.md``).
 KNOWN_CAPABILITIES = frozenset(
     {
-        "float32",
+        "float32",  # the dtypes the core may hand the backend (x, weight, bias, grad_out)
         "bfloat16",
         "float16",
-        "autocast",
-        "compile",  # torch.compile of the PaCA op without graph breaks
-        "graphs",  # device graph capture (CUDA graphs, HPU graphs)
-        "lazy",  # lazy graph mode with explicit step marks (Gaudi)
-        "nf4",  # 4-bit NF4 frozen bases
+        "compile",  # torch.compile(fullgraph=True) of a PaCA layer without graph breaks
+        "graphs",  # device graph capture (CUDA graphs, HPU graphs) of forward and backward
+        "lazy",  # lazy graph mode: the core calls the step hooks (needs wants_step_hooks)
+        "nf4",  # 4-bit NF4 frozen bases (bitsandbytes Linear4bit), see quantized_linear_*
     }
 )
+
+#: The dtype capability for each floating dtype.
+DTYPE_CAPABILITY = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 class BackendUnavailableError(RuntimeError):
     """A backend was asked for on a machine where it cannot run."""
 
 
+class BackendCapabilityError(TypeError):
+    """The core was asked to hand a backend a dtype or mode it does not declare."""
+
+
+class BackendContractError(RuntimeError):
+    """A backend broke the contract at run time (wrong shape/dtype, or it raised)."""
+
+
 class Backend(ABC):
-    """How one kind of device computes the PaCA primitives.
+    """How one kind of device computes PaCA.
 
-    Subclasses set ``name`` (the string users pass to :func:`paca.use_backend`),
-    ``device_type`` (the torch device type whose tensors they compute on) and
-    implement :meth:`is_available`. The compute primitives are abstract so that a
-    backend states every path it takes; the CPU backend (``paca_cpu``) is the
-    reference implementation others are tested against and may be subclassed.
+    Two levels, so that a new backend needs only a handful of methods and a vendor can
+    still fuse everything:
 
-    Shapes used below: ``x`` is ``(..., in)``; ``weight`` is ``(out, in)``;
-    ``idx`` is a 1-D int64 tensor of the ``r`` trained input columns;
-    ``delta`` is ``(out, r)``.
+    * **Fused ops** (:meth:`linear_forward`, :meth:`linear_backward`,
+      :meth:`conv2d_forward`, :meth:`conv2d_backward`): the whole PaCA layer step. The
+      defaults here are built from the primitives below with the *column swap*: the
+      ``r`` trained columns of ``weight`` are overwritten with ``round(W[:, idx] + delta)``
+      for the one GEMM that needs them and restored bit for bit right after (also on
+      an exception), so no O(out·in) tensor is written per call. A vendor may replace
+      them with one kernel computing ``x·Wᵀ + x_sel·deltaᵀ`` without touching W.
+    * **Primitives**: :meth:`gather`, :meth:`delta_grad`, :meth:`write_columns`
+      (abstract), and :meth:`read_columns`, :meth:`linear`, :meth:`input_grad` and the
+      conv primitives (plain-torch defaults).
+
+    Subclasses set ``name`` (what users pass to :func:`paca.use_backend`),
+    ``device_type`` and implement :meth:`is_available`. The CPU backend (``paca_cpu``)
+    is the reference implementation; ``paca.testing`` checks every backend against a
+    dense autograd computation that defines correct results.
+
+    Shapes: ``x`` is ``(..., in)``; ``weight`` is ``(out, in)`` (possibly a transposed
+    view, as for transformers ``Conv1D``); ``idx`` is a 1-D int64 tensor of the ``r``
+    trained input columns (unsorted, on the weight's device); ``delta`` is ``(out, r)``.
+    The core guarantees: ``x``, ``weight``, ``bias`` and ``grad_out`` share one dtype the
+    backend declares; ``delta`` is a floating tensor (any dtype); the op is never called
+    with ``weight.requires_grad`` in grad mode.
     """
 
     #: Name users select the backend by, e.g. ``"cpu"``, ``"cuda"``, ``"hpu"``.
     name: ClassVar[str]
     #: torch device type the backend's tensors live on.
     device_type: ClassVar[str]
-    #: Backend API version this class was written against.
-    api_version: ClassVar[int] = BACKEND_API_VERSION
-    #: Auto-detection priority; higher wins among available backends.
-    #: ``None`` means "only when asked for by name".
+    #: Backend API ``(major, minor)`` this class was written against (an int means minor 0).
+    api_version: ClassVar[tuple[int, int] | int] = BACKEND_API_VERSION
+    #: Auto-detection priority; higher wins among available backends. ``None`` means
+    #: "only when asked for by name". A third-party backend is auto-selected only when
+    #: its own class body sets a priority above the built-ins' (docs/writing-a-backend.md).
     priority: ClassVar[int | None] = None
     #: What the backend supports; see :data:`KNOWN_CAPABILITIES`.
     capabilities: ClassVar[frozenset[str]] = frozenset({"float32"})
+    #: Whether the same inputs always give bit-identical outputs and gradients. The
+    #: conformance suite checks it unless this is False.
+    deterministic: ClassVar[bool] = True
+    #: How the default fused ops apply the trained columns: ``"swap"`` (write them into
+    #: the weight for the one GEMM that needs them, then restore them exactly),
+    #: ``"decompose"`` (``x·Wᵀ + x_sel·deltaᵀ`` and ``dY·W`` plus ``dY·delta`` added into
+    #: the r columns: W is never written, so concurrent calls on one layer are safe) or
+    #: ``"auto"`` (per call, whichever writes fewer bytes; see docs/architecture.md).
+    column_strategy: ClassVar[str] = "auto"
 
     # ----------------------------------------------------------------- discovery
     @classmethod
@@ -94,50 +134,204 @@ class Backend(ABC):
         """Facts for run records: device name, library versions. Never raises."""
         return {"backend": self.name, "device_type": self.device_type}
 
-    # ------------------------------------------------------- compute primitives
+    # ------------------------------------------------------------------ fused ops
+    def linear_forward(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        delta: torch.Tensor,
+        idx: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(y, x_sel)``: ``y = x·W_effᵀ + bias`` and ``x_sel = x[..., idx]`` (contiguous).
+
+        ``W_eff`` is ``weight`` with columns ``idx`` replaced by ``round(W[:, idx] + delta)``
+        (fp32 add, one rounding to ``weight.dtype``). ``x_sel`` is what the core saves for
+        backward: it must own its storage. ``weight`` must be bit-exact again on return.
+        """
+        x_sel = self.gather(x, idx, dim=-1)
+        rows = x.numel() // max(x.shape[-1], 1)
+        if self._swap_cheaper(delta.numel(), rows * weight.shape[0]):
+            with self.columns_applied(weight, idx, delta):
+                return self.linear(x, weight, bias), x_sel
+        y = self.linear(x, weight, bias)
+        y = y if y.is_contiguous() else y.contiguous()
+        y.view(-1, y.shape[-1]).addmm_(
+            x_sel.reshape(-1, x_sel.shape[-1]), delta.to(y.dtype).t()
+        )
+        return y, x_sel
+
+    def linear_backward(
+        self,
+        grad_out: torch.Tensor,
+        x_sel: torch.Tensor,
+        weight: torch.Tensor,
+        delta: torch.Tensor,
+        idx: torch.Tensor,
+        need_input_grad: bool,
+        need_delta_grad: bool,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(dX, d(delta))``: ``dX = dY·W_eff`` in ``grad_out.dtype``, and
+        ``d(delta) = dYᵀ·x_sel`` summed over all leading dims, accumulated in fp32 and
+        returned ``(out, r)`` in ``delta.dtype``. Each is None when not asked for. Must
+        not modify ``grad_out``.
+        """
+        grad_x = grad_delta = None
+        flat_g = grad_out.reshape(-1, grad_out.shape[-1])
+        if need_input_grad:
+            if self._swap_cheaper(delta.numel(), 2 * x_sel.numel()):
+                with self.columns_applied(weight, idx, delta):
+                    grad_x = self.input_grad(grad_out, weight)
+            else:  # dX = dY·W, plus dY·delta added into the r trained columns
+                grad_x = self.input_grad(grad_out, weight)
+                grad_x = grad_x if grad_x.is_contiguous() else grad_x.contiguous()
+                correction = flat_g.matmul(delta.to(flat_g.dtype))
+                grad_x.view(-1, grad_x.shape[-1]).index_add_(1, idx, correction)
+        if need_delta_grad:
+            grad_delta = self.delta_grad(flat_g, x_sel.reshape(-1, x_sel.shape[-1]), delta.dtype)
+        return grad_x, grad_delta
+
+    def conv2d_forward(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        delta: torch.Tensor,
+        idx: torch.Tensor,
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        dilation: tuple[int, int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(y, x_sel)`` for ``conv2d(x, W_eff, bias)``; ``x`` is ``(N, C, H, W)``,
+        ``weight`` ``(out, C, kh, kw)``, ``delta`` ``(out, r, kh, kw)``, ``x_sel`` the
+        ``r`` selected input channels ``(N, r, H, W)``. Same rules as :meth:`linear_forward`.
+        """
+        x_sel = self.gather(x, idx, dim=1)
+        with self.columns_applied(weight, idx, delta):
+            y = self.conv2d(x, weight, bias, stride, padding, dilation)
+        return y, x_sel
+
+    def conv2d_backward(
+        self,
+        grad_out: torch.Tensor,
+        x_sel: torch.Tensor,
+        weight: torch.Tensor,
+        delta: torch.Tensor,
+        idx: torch.Tensor,
+        input_shape: tuple[int, ...],
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        dilation: tuple[int, int],
+        need_input_grad: bool,
+        need_delta_grad: bool,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(dX, d(delta))`` of :meth:`conv2d_forward`; ``d(delta)`` in ``delta.dtype``,
+        accumulated in fp32."""
+        grad_x = grad_delta = None
+        if need_input_grad:
+            if self._swap_cheaper(delta.numel(), 2 * x_sel.numel()):
+                with self.columns_applied(weight, idx, delta):
+                    grad_x = self.conv2d_input_grad(
+                        grad_out, weight, input_shape, stride, padding, dilation
+                    )
+            else:
+                grad_x = self.conv2d_input_grad(
+                    grad_out, weight, input_shape, stride, padding, dilation
+                )
+                grad_x = grad_x if grad_x.is_contiguous() else grad_x.contiguous()
+                sel_shape = (input_shape[0], idx.numel(), *input_shape[2:])
+                correction = self.conv2d_input_grad(
+                    grad_out, delta.to(grad_out.dtype), sel_shape, stride, padding, dilation
+                )
+                grad_x.index_add_(1, idx, correction)
+        if need_delta_grad:
+            grad_delta = self.conv2d_delta_grad(
+                grad_out, x_sel, tuple(delta.shape), stride, padding, dilation, delta.dtype
+            )
+        return grad_x, grad_delta
+
+    def _swap_cheaper(self, delta_elems: int, decompose_elems: int) -> bool:
+        """Whether swapping the columns writes fewer elements than the decomposition.
+
+        A swap reads the ``r`` columns, writes ``round(W + delta)`` and restores them:
+        about four ``delta``-sized writes. The decomposition writes one output-sized
+        (forward) or two ``x_sel``-sized (backward) extra tensors and never touches W.
+        """
+        if self.column_strategy == "swap":
+            return True
+        if self.column_strategy == "decompose":
+            return False
+        return 4 * delta_elems <= decompose_elems
+
+    @contextmanager
+    def columns_applied(
+        self, weight: torch.Tensor, idx: torch.Tensor, delta: torch.Tensor
+    ) -> Iterator[None]:
+        """Within the block ``weight[:, idx] = round(W[:, idx] + delta)``; restored exactly after.
+
+        Writes go through ``weight.data`` so autograd's version counter of the (frozen)
+        weight is not bumped: other ops that saved it for backward stay valid, because
+        it is bit-exact again before anything else can read it. Not safe against a
+        concurrent call on the same weight from another thread (``column_strategy =
+        "decompose"`` is). Backends may override it with a fused column kernel.
+        """
+        import torch
+
+        with torch.no_grad():
+            w = weight.data
+            saved = self.read_columns(w, idx)
+            # bf16 + bf16 and mixed dtypes both add in fp32 and round once (torch opmath)
+            self.write_columns(w, idx, torch.add(saved, delta))
+            try:
+                yield
+            finally:
+                self.write_columns(w, idx, saved)
+
+    # ------------------------------------------------------------ primitives
     @abstractmethod
     def gather(self, x: torch.Tensor, idx: torch.Tensor, dim: int = -1) -> torch.Tensor:
-        """``x.index_select(dim, idx)`` as a contiguous tensor (the saved activation).
+        """``x.index_select(dim, idx)`` as a new contiguous tensor (the saved activation).
 
         It must own its storage: a view into a larger tensor would keep all of ``x``
-        alive for backward and defeat PaCA's memory saving. Exact.
+        alive for backward and defeat PaCA's memory saving. Exact. ``dim`` may be negative.
         """
 
     @abstractmethod
-    def effective_weight(
-        self, weight: torch.Tensor, idx: torch.Tensor, delta: torch.Tensor
+    def delta_grad(
+        self, grad_out: torch.Tensor, x_sel: torch.Tensor, out_dtype: torch.dtype
     ) -> torch.Tensor:
-        """A new tensor equal to ``weight`` with ``weight[:, idx] + delta`` in columns ``idx``.
+        """``grad_out.T @ x_sel`` accumulated in fp32, rounded once to ``out_dtype``.
 
-        Computed in fp32 and rounded once to ``weight.dtype``. Must not modify ``weight``.
-        ``weight`` may have trailing dims (conv kernels); ``delta`` then has them too.
-        """
-
-    @abstractmethod
-    def linear(
-        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-    ) -> torch.Tensor:
-        """The forward GEMM ``x @ weight.T + bias``."""
-
-    @abstractmethod
-    def input_grad(self, grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """``grad_out @ weight``: the gradient of the layer input."""
-
-    @abstractmethod
-    def delta_grad(self, grad_out: torch.Tensor, x_sel: torch.Tensor) -> torch.Tensor:
-        """``grad_out.T @ x_sel`` over all leading dims, accumulated and returned in fp32.
-
-        ``grad_out`` is ``(N, out)``, ``x_sel`` is ``(N, r)``; result ``(out, r)`` fp32.
+        ``grad_out`` is ``(N, out)``, ``x_sel`` is ``(N, r)``, one dtype (N may exceed
+        65536); result ``(out, r)`` in ``out_dtype`` (the delta's dtype: fp32 for fp32
+        master deltas). Must not modify its inputs.
         """
 
     @abstractmethod
     def write_columns(self, weight: torch.Tensor, idx: torch.Tensor, columns: torch.Tensor) -> None:
-        """In place: ``weight[:, idx] = columns`` (used by merge/unmerge, never in training)."""
+        """In place: ``weight[:, idx] = columns`` rounded once to ``weight.dtype``.
 
-    # ------------------------------------------ convolution primitives (optional)
-    # Non-abstract on purpose: plain torch is right on every device torch supports, so a
-    # third-party backend only overrides these when it has something faster. ``stride``,
-    # ``padding`` and ``dilation`` are 2-tuples of ints; ``groups`` is always 1.
+        ``weight`` may be a non-contiguous view (the transposed ``Conv1D`` weight) and
+        must be written through, never into a copy. ``columns`` may have any float dtype.
+        """
+
+    def read_columns(self, weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """``weight[:, idx]`` as a new tensor in ``weight.dtype`` (what a swap restores)."""
+        return weight.index_select(1, idx)
+
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The GEMM ``x @ weight.T + bias`` (``weight`` may be a transposed view)."""
+        import torch.nn.functional as F
+
+        return F.linear(x, weight, bias)
+
+    def input_grad(self, grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``grad_out @ weight``: the gradient of the layer input."""
+        return grad_out.matmul(weight)
+
+    # ``stride``, ``padding`` and ``dilation`` are 2-tuples of ints; ``groups`` is always 1.
     def conv2d(
         self,
         x: torch.Tensor,
@@ -174,23 +368,33 @@ class Backend(ABC):
         stride: tuple[int, int],
         padding: tuple[int, int],
         dilation: tuple[int, int],
+        out_dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         """Kernel gradient for the ``r`` selected input channels ``x_sel`` ``(N, r, H, W)``.
 
-        Returns ``delta_shape`` = ``(out, r, kh, kw)`` in fp32, accumulated in fp32. It
-        equals the slice ``[:, idx]`` of the dense kernel gradient.
+        Returns ``delta_shape`` = ``(out, r, kh, kw)`` accumulated in fp32 and rounded once
+        to ``out_dtype`` (None: fp32). It equals the slice ``[:, idx]`` of the dense kernel
+        gradient.
         """
         import torch
 
+        out_dtype = out_dtype or torch.float32
+        if out_dtype == grad_out.dtype:  # half convolutions accumulate in fp32 and round once
+            return torch.nn.grad.conv2d_weight(
+                x_sel, delta_shape, grad_out, stride, padding, dilation
+            )
         return torch.nn.grad.conv2d_weight(
             x_sel.float(), delta_shape, grad_out.float(), stride, padding, dilation
-        )
+        ).to(out_dtype)
 
     # ------------------------------------------------- step and graph-mode hooks
-    #: Set True when :meth:`on_backward_end` / :meth:`on_optimizer_step` do
-    #: something; the core installs its autograd/optimizer hooks only then, so
-    #: backends that need nothing pay nothing.
+    #: True when :meth:`on_backward_end` / :meth:`on_optimizer_step` do something; the
+    #: core installs its autograd/optimizer hooks only then, so backends that need
+    #: nothing pay nothing. A backend declaring ``"lazy"`` must set it.
     wants_step_hooks: ClassVar[bool] = False
+    #: Set False while something else marks the steps (optimum-habana's GaudiTrainer):
+    #: the core then skips :meth:`on_backward_end` and :meth:`on_optimizer_step`.
+    step_hooks_enabled: bool = True
 
     def on_backward_end(self) -> None:
         """Called once after each backward pass through PaCA layers (e.g. ``mark_step``)."""
@@ -232,3 +436,18 @@ class Backend(ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} name={self.name!r} device_type={self.device_type!r}>"
+
+
+def api_version_tuple(version: object) -> tuple[int, int] | None:
+    """``version`` as ``(major, minor)``, or None if it is neither an int nor such a pair."""
+    if isinstance(version, bool):
+        return None
+    if isinstance(version, int):
+        return (version, 0)
+    if (
+        isinstance(version, tuple)
+        and len(version) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in version)
+    ):
+        return (version[0], version[1])
+    return None

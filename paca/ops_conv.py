@@ -2,10 +2,11 @@
 
 PaCA on ``nn.Conv2d`` trains ``r`` of the ``in_channels``: every kernel position of a
 chosen channel is trained together, so ``delta`` is ``(out, r, kh, kw)``. Forward is one
-convolution with the effective kernel (``W[:, idx] + delta`` in the chosen channels).
-Backward gives the input gradient from the effective kernel (no saved input needed)
-and ``d(delta)`` from only the ``r`` selected input channels, which is all this op
-saves. Device work goes through the backend's conv primitives.
+convolution with the effective kernel (``round(W[:, idx] + delta)`` in the chosen
+channels). Backward gives the input gradient from the effective kernel (no saved input
+needed) and ``d(delta)`` from only the ``r`` selected input channels, which is all this
+op saves. The layer step is the backend's :meth:`Backend.conv2d_forward` /
+:meth:`Backend.conv2d_backward`; the core does the casts and the contract checks.
 """
 
 from __future__ import annotations
@@ -14,11 +15,24 @@ from typing import Any
 
 import torch
 
+from paca import backend_call as bc
 from paca.backend_abc import Backend
-from paca.ops import BASE_WEIGHT_GRAD_MESSAGE, autocast_dtype
+from paca.ops import BASE_WEIGHT_GRAD_MESSAGE, _no_autocast, autocast_dtype
 from paca.steps import queue_backward_end
 
 Pair = tuple[int, int]
+
+
+def _dtypes(x: torch.Tensor, weight: torch.Tensor, backend: Backend) -> torch.dtype:
+    compute = autocast_dtype(x.device.type)
+    if compute is None and x.dtype != weight.dtype:
+        raise TypeError(
+            f"PaCA conv2d: input dtype {x.dtype} != weight dtype {weight.dtype}; cast the "
+            f"input (x.to({weight.dtype})) or run under torch.autocast"
+        )
+    dtype = compute or x.dtype
+    bc.require_dtype(backend, dtype, "this PaCA conv2d layer")
+    return dtype
 
 
 class PacaConv2dFunction(torch.autograd.Function):
@@ -38,18 +52,29 @@ class PacaConv2dFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             raise RuntimeError(BASE_WEIGHT_GRAD_MESSAGE)
         stride, padding, dilation = geometry
-        device_type = x.device.type
-        compute = autocast_dtype(device_type)
-        w_eff = backend.effective_weight(weight, idx, delta)
-        if compute is not None:  # do autocast's casts once ourselves and save the cast input
-            x_c = x.to(compute)
-            bias_c = bias.to(compute) if bias is not None else None
-            with torch.autocast(device_type=device_type, enabled=False):
-                y = backend.conv2d(x_c, w_eff.to(compute), bias_c, stride, padding, dilation)
-        else:
-            x_c = x
-            y = backend.conv2d(x_c, w_eff, bias, stride, padding, dilation)
-        x_sel = backend.gather(x_c, idx, dim=1)
+        dtype = _dtypes(x, weight, backend)
+        member = "conv2d_forward"
+        with _no_autocast(x.device.type):
+            x_c = x.to(dtype)
+            w = weight.to(dtype)
+            bias_c = bias.to(dtype) if bias is not None else None
+            d = bc.delta_for(backend, delta)
+            out = bc.call(
+                backend, member, backend.conv2d_forward, x_c, w, bias_c, d, idx, stride,
+                padding, dilation,
+            )
+        y, x_sel = bc.check_pair(backend, member, out)
+        spatial = tuple(
+            (size + 2 * p - d * (k - 1) - 1) // st + 1
+            for size, p, d, k, st in zip(
+                x.shape[2:], padding, dilation, weight.shape[2:], stride, strict=True
+            )
+        )
+        bc.check_tensor(backend, member, "y", y, (x.shape[0], weight.shape[0], *spatial), dtype)
+        bc.check_tensor(
+            backend, member, "x_sel", x_sel, (x.shape[0], idx.shape[0], *x.shape[2:]), dtype
+        )
+        bc.check_owns_storage(backend, member, "x_sel", x_sel, x_c)
         ctx.save_for_backward(x_sel, weight, delta, idx)
         ctx.backend = backend
         ctx.geometry = geometry
@@ -63,16 +88,30 @@ class PacaConv2dFunction(torch.autograd.Function):
         x_sel, weight, delta, idx = ctx.saved_tensors
         backend: Backend = ctx.backend
         stride, padding, dilation = ctx.geometry
+        need_x, need_delta = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[3])
         grad_x = grad_bias = grad_delta = None
-        if ctx.needs_input_grad[0]:
-            w_eff = backend.effective_weight(weight, idx, delta).to(grad_out.dtype)
-            grad_x = backend.conv2d_input_grad(
-                grad_out, w_eff, ctx.x_shape, stride, padding, dilation
-            ).to(ctx.x_dtype)
-        if ctx.needs_input_grad[3]:
-            grad_delta = backend.conv2d_delta_grad(
-                grad_out.to(x_sel.dtype), x_sel, tuple(delta.shape), stride, padding, dilation
-            ).to(delta.dtype)
+        if need_x or need_delta:
+            member = "conv2d_backward"
+            dtype = x_sel.dtype
+            with _no_autocast(grad_out.device.type):
+                d = bc.delta_for(backend, delta)
+                out = bc.call(
+                    backend, member, backend.conv2d_backward, grad_out.to(dtype), x_sel,
+                    weight.to(dtype), d, idx, ctx.x_shape, stride, padding, dilation, need_x,
+                    need_delta,
+                )
+            grad_x, grad_delta = bc.check_pair(backend, member, out)
+            if need_x:
+                grad_x = bc.check_tensor(backend, member, "grad_x", grad_x, ctx.x_shape, dtype)
+                grad_x = grad_x.to(ctx.x_dtype)
+            else:
+                grad_x = None
+            if need_delta:
+                grad_delta = bc.check_tensor(
+                    backend, member, "grad_delta", grad_delta, tuple(d.shape), d.dtype
+                ).to(delta.dtype)
+            else:
+                grad_delta = None
         if ctx.needs_input_grad[2]:
             grad_bias = grad_out.float().sum((0, 2, 3)).to(ctx.bias_dtype)
         queue_backward_end(backend)

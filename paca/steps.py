@@ -1,6 +1,6 @@
 """Step-boundary hooks, so lazy-mode devices can mark steps without user code.
 
-A backend with ``wants_step_hooks = True`` gets :meth:`Backend.on_backward_end`
+A backend with ``wants_step_hooks = True`` (and ``step_hooks_enabled``) gets :meth:`Backend.on_backward_end`
 once at the end of every backward pass that went through a PaCA layer (queued on
 the autograd engine from inside the PaCA backward), and
 :meth:`Backend.on_optimizer_step` after every ``optimizer.step()`` of an
@@ -35,6 +35,8 @@ def queue_backward_end(backend: Backend) -> None:
     """Arrange one ``backend.on_backward_end()`` call when the current backward finishes."""
     if not backend.wants_step_hooks or torch.compiler.is_compiling():
         return
+    if not backend.step_hooks_enabled:
+        return
     pending: set[int] = getattr(_state, "pending", None) or set()
     if id(backend) in pending:
         return
@@ -43,7 +45,8 @@ def queue_backward_end(backend: Backend) -> None:
 
     def _callback() -> None:
         pending.discard(id(backend))
-        backend.on_backward_end()
+        if backend.step_hooks_enabled:
+            backend.on_backward_end()
 
     torch.autograd.Variable._execution_engine.queue_callback(_callback)
 
@@ -66,7 +69,8 @@ def _backends_of(optimizer: torch.optim.Optimizer) -> list[Backend]:
 
 def _after_optimizer_step(optimizer: torch.optim.Optimizer, *_: Any) -> None:
     for backend in _backends_of(optimizer):
-        backend.on_optimizer_step()
+        if backend.step_hooks_enabled:
+            backend.on_optimizer_step()
 
 
 def install_optimizer_hook() -> None:

@@ -61,7 +61,7 @@ def test_registered_through_its_entry_point_with_priority_and_capabilities():
     info = {i.name: i for i in paca.list_backends()}["cuda"]
     assert info.cls is CUDABackend
     assert info.priority == 200 and info.device_type == "cuda"
-    assert {"bfloat16", "float16", "autocast", "compile", "graphs"} <= info.capabilities
+    assert {"bfloat16", "float16", "compile", "graphs"} <= info.capabilities
     assert issubclass(CUDABackend, CPUBackend)
 
 

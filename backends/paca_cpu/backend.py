@@ -1,11 +1,15 @@
-"""Plain-torch implementation of every :class:`paca.backend_abc.Backend` primitive."""
+"""The CPU reference backend: the three required primitives in plain torch.
+
+The fused layer ops are the :class:`~paca.backend_abc.Backend` defaults with the column
+swap (measured fastest here, see docs/architecture.md): nothing of the weight's size is
+written per call, and the pretrained weight is bit-exact whenever no op is running.
+"""
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from paca.backend_abc import Backend
 from paca.environment import cpu_model
@@ -18,7 +22,7 @@ class CPUBackend(Backend):
     device_type: ClassVar[str] = "cpu"
     priority: ClassVar[int | None] = 0
     capabilities: ClassVar[frozenset[str]] = frozenset(
-        {"float32", "bfloat16", "float16", "autocast", "compile"}
+        {"float32", "bfloat16", "float16", "compile"}
     )
 
     @classmethod
@@ -35,22 +39,14 @@ class CPUBackend(Backend):
     def gather(self, x: torch.Tensor, idx: torch.Tensor, dim: int = -1) -> torch.Tensor:
         return x.index_select(dim, idx)
 
-    def effective_weight(
-        self, weight: torch.Tensor, idx: torch.Tensor, delta: torch.Tensor
+    def delta_grad(
+        self, grad_out: torch.Tensor, x_sel: torch.Tensor, out_dtype: torch.dtype
     ) -> torch.Tensor:
-        columns = weight.index_select(1, idx).float() + delta.float()
-        return weight.index_copy(1, idx, columns.to(weight.dtype))
-
-    def linear(
-        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-    ) -> torch.Tensor:
-        return F.linear(x, weight, bias)
-
-    def input_grad(self, grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return grad_out.matmul(weight)
-
-    def delta_grad(self, grad_out: torch.Tensor, x_sel: torch.Tensor) -> torch.Tensor:
-        return grad_out.float().t().mm(x_sel.float())
+        if out_dtype == grad_out.dtype:
+            # bf16/fp16 GEMMs accumulate in fp32 and round once: the result is what an
+            # fp32 product rounded to out_dtype is, without an fp32 copy of grad_out
+            return grad_out.t().mm(x_sel)
+        return grad_out.float().t().mm(x_sel.float()).to(out_dtype)
 
     def write_columns(self, weight: torch.Tensor, idx: torch.Tensor, columns: torch.Tensor) -> None:
         weight.index_copy_(1, idx, columns.to(weight.dtype))

@@ -4,11 +4,13 @@ What differs from :class:`paca_cpu.CPUBackend`:
 
 * ``gather``: ``x[..., idx]`` is one Triton strided-gather kernel writing the contiguous
   saved activation (torch ``index_select`` without Triton).
-* ``effective_weight`` and the per-step cache's column write: ``round(W[:, idx] + delta)``
-  in one Triton kernel (fp32 add, one rounding; bit-identical to the reference).
-* ``delta_grad``: for bf16/fp16, ``torch.mm(dY^T, x_sel, out_dtype=float32)`` (cuBLAS with
-  an fp32 result: fp32 accumulation without upcasting the inputs); where that overload is
-  missing, a split-N Triton GEMM with an fp32 accumulator; else the reference's upcast.
+* the column swap (:meth:`columns_applied`): ``W[:, idx] = round(W[:, idx] + delta)`` in
+  place in one Triton kernel (fp32 add, one rounding; bit-identical to the reference),
+  restored exactly after the GEMM; nothing of the weight's size is written per call.
+* ``delta_grad``: for bf16/fp16 inputs and fp32 master deltas,
+  ``torch.mm(dY^T, x_sel, out_dtype=float32)`` (cuBLAS with an fp32 result: fp32
+  accumulation without upcasting the inputs); where that overload is missing, a split-N
+  Triton GEMM with an fp32 accumulator; else the reference's upcast.
 * Index tensors are reused on the device (a CPU index is copied once and cached), and no
   primitive reads a device value on the host, so forward/backward never synchronize and
   can be captured in a CUDA graph.
@@ -21,6 +23,8 @@ when installed), ``torch`` (never Triton) or ``triton`` (always; with
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -42,10 +46,10 @@ class CUDABackend(CPUBackend):
     device_type: ClassVar[str] = "cuda"
     priority: ClassVar[int | None] = 200
     capabilities: ClassVar[frozenset[str]] = frozenset(
-        {"float32", "bfloat16", "float16", "autocast", "compile", "graphs"}
+        {"float32", "bfloat16", "float16", "compile", "graphs"}
     )
 
-    def __init__(self, kernels: str | None = None, cache_effective_weight: bool = False) -> None:
+    def __init__(self, kernels: str | None = None) -> None:
         mode = (kernels or os.environ.get(KERNELS_ENV) or "auto").strip().lower()
         if mode not in KERNEL_MODES:
             raise ValueError(
@@ -58,8 +62,6 @@ class CUDABackend(CPUBackend):
                 "pip install triton), or use kernels='auto'/'torch'"
             )
         self.kernels = mode
-        #: Opt-in for :mod:`paca.weight_cache` (one weight copy per layer, see its docs).
-        self.cache_effective_weight = cache_effective_weight
         self._mm_out_dtype: dict[tuple[str, torch.dtype], bool] = {}
         self._sm_count: dict[int, int] = {}
         self._device_idx: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -101,7 +103,6 @@ class CUDABackend(CPUBackend):
             "torch_cuda": getattr(torch.version, "cuda", None),
             "kernels": self.kernels,
             "triton": _triton_version(),
-            "cache_effective_weight": self.cache_effective_weight,
         }
         try:
             if self.is_available():
@@ -148,34 +149,34 @@ class CUDABackend(CPUBackend):
         out = kernels.load().gather_columns(flat, idx_d)
         return out.view(*x.shape[:-1], idx_d.numel())
 
-    def effective_weight(
+    @contextmanager
+    def columns_applied(
         self, weight: torch.Tensor, idx: torch.Tensor, delta: torch.Tensor
-    ) -> torch.Tensor:
+    ) -> Iterator[None]:
         idx_d = self._index_on(idx, weight.device)
         if not self._columns_kernel_ok(weight, delta):
-            return super().effective_weight(weight, idx_d, delta)
-        out = weight.clone()
-        kernels.load().write_effective_columns(out, weight, idx_d, delta)
-        return out
-
-    def write_effective_columns(
-        self, dst: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor, delta: torch.Tensor
-    ) -> None:
-        """In place ``dst[:, idx] = round(W[:, idx] + delta)`` (the weight cache's step write)."""
-        idx_d = self._index_on(idx, weight.device)
-        if self._columns_kernel_ok(weight, delta) and dst.dtype == weight.dtype:
-            kernels.load().write_effective_columns(dst, weight, idx_d, delta)
+            with super().columns_applied(weight, idx_d, delta):
+                yield
             return
-        columns = weight.index_select(1, idx_d).float() + delta.float()
-        self.write_columns(dst, idx_d, columns)
+        with torch.no_grad():
+            w = weight.data
+            saved = w.index_select(1, idx_d)
+            kernels.load().write_effective_columns(w, w, idx_d, delta)  # elementwise, in place
+            try:
+                yield
+            finally:
+                self.write_columns(w, idx_d, saved)
 
-    def delta_grad(self, grad_out: torch.Tensor, x_sel: torch.Tensor) -> torch.Tensor:
+    def delta_grad(
+        self, grad_out: torch.Tensor, x_sel: torch.Tensor, out_dtype: torch.dtype
+    ) -> torch.Tensor:
         half = grad_out.dtype in _HALF and x_sel.dtype == grad_out.dtype
-        if half and grad_out.is_cuda and self._has_mm_out_dtype(grad_out):
-            return torch.mm(grad_out.t(), x_sel, out_dtype=torch.float32)
-        if half and self.uses_triton(grad_out):
-            return kernels.load().delta_grad(grad_out, x_sel, self._multiprocessors(grad_out))
-        return super().delta_grad(grad_out, x_sel)
+        if half and out_dtype == torch.float32:
+            if grad_out.is_cuda and self._has_mm_out_dtype(grad_out):
+                return torch.mm(grad_out.t(), x_sel, out_dtype=torch.float32)
+            if self.uses_triton(grad_out):
+                return kernels.load().delta_grad(grad_out, x_sel, self._multiprocessors(grad_out))
+        return super().delta_grad(grad_out, x_sel, out_dtype)
 
     def write_columns(self, weight: torch.Tensor, idx: torch.Tensor, columns: torch.Tensor) -> None:
         super().write_columns(weight, self._index_on(idx, weight.device), columns)

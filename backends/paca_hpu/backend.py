@@ -46,8 +46,8 @@ class HPUBackend(CPUBackend):
 
     Creating an instance imports the SDK; :meth:`is_available` only probes it and never
     raises. Attributes fixed at creation: ``lazy`` (the bridge's mode) and
-    ``wants_step_hooks`` (true in lazy mode). ``auto_mark_step`` may be set to False
-    when something else already marks the steps (optimum-habana's ``GaudiTrainer``).
+    ``wants_step_hooks`` (true in lazy mode). ``step_hooks_enabled`` is set to False
+    while something else already marks the steps (optimum-habana's ``GaudiTrainer``).
     """
 
     name: ClassVar[str] = "hpu"
@@ -56,7 +56,7 @@ class HPUBackend(CPUBackend):
     # The class lists both modes ("lazy" and HPU "graphs" when PT_HPU_LAZY_MODE=1,
     # "compile" when it is 0); an instance lists only what works in this process's mode.
     capabilities: ClassVar[frozenset[str]] = frozenset(
-        {"float32", "bfloat16", "autocast", "compile", "graphs", "lazy"}
+        {"float32", "bfloat16", "compile", "graphs", "lazy"}
     )
     #: The Gaudi recipe's compute dtype (bf16 autocast around forward and loss).
     default_autocast_dtype: ClassVar[torch.dtype] = torch.bfloat16
@@ -72,7 +72,6 @@ class HPUBackend(CPUBackend):
         self.wants_step_hooks = sdk.lazy  # type: ignore[misc]
         drop = {"compile"} if sdk.lazy else {"lazy", "graphs"}
         self.capabilities = type(self).capabilities - drop  # type: ignore[misc]
-        self.auto_mark_step: bool = True
         logger.info(
             "paca hpu backend: Intel Gaudi software %s, %s mode%s",
             sdk.version,
@@ -130,11 +129,20 @@ class HPUBackend(CPUBackend):
         return info
 
     # ------------------------------------------------------- compute primitives
-    def effective_weight(
-        self, weight: torch.Tensor, idx: torch.Tensor, delta: torch.Tensor
-    ) -> torch.Tensor:
+    def linear_forward(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        delta: torch.Tensor,
+        idx: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         _check_static_index(weight, idx)
-        return super().effective_weight(weight, idx, delta)
+        return super().linear_forward(x, weight, bias, delta, idx)
+
+    def conv2d_forward(self, x: torch.Tensor, weight: torch.Tensor, *args: Any) -> Any:
+        _check_static_index(weight, args[2])
+        return super().conv2d_forward(x, weight, *args)
 
     # ------------------------------------------------- step and graph-mode hooks
     def mark_step(self) -> None:
@@ -143,12 +151,10 @@ class HPUBackend(CPUBackend):
             self.sdk.mark_step()
 
     def on_backward_end(self) -> None:
-        if self.auto_mark_step:
-            self.mark_step()
+        self.mark_step()
 
     def on_optimizer_step(self) -> None:
-        if self.auto_mark_step:
-            self.mark_step()
+        self.mark_step()
 
     def compile_backend(self) -> str | None:
         """``"hpu_backend"``, the bridge's torch.compile backend (usable in eager mode only:

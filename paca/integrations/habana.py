@@ -85,7 +85,7 @@ def check_gaudi_args(args: Any, backend: Backend) -> list[str]:
         )
     if not getattr(args, "use_habana", False):
         problems.append("use_habana is False; set use_habana=True (--use_habana) to train on Gaudi")
-    lazy = bool(getattr(backend, "lazy", False))
+    lazy = "lazy" in backend.capabilities
     wants_lazy = bool(getattr(args, "use_lazy_mode", True))
     if backend.name == "hpu" and wants_lazy != lazy:
         mode = "lazy" if lazy else "eager"
@@ -136,13 +136,13 @@ class PacaGaudiCallback(TrainerCallback):
         self._previous: bool | None = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if hasattr(self.backend, "auto_mark_step") and getattr(args, "use_lazy_mode", False):
-            self._previous = self.backend.auto_mark_step
-            self.backend.auto_mark_step = False
+        if getattr(args, "use_lazy_mode", False):
+            self._previous = self.backend.step_hooks_enabled
+            self.backend.step_hooks_enabled = False
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._previous is not None:
-            self.backend.auto_mark_step = self._previous
+            self.backend.step_hooks_enabled = self._previous
             self._previous = None
 
 
