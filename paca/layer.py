@@ -12,8 +12,8 @@ Layer types register with :func:`register_layer_type`; the model wrapper asks
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -54,6 +54,26 @@ class BufferDict(nn.Module):
         return self._buffers.pop(key)  # type: ignore[return-value]
 
 
+class MergeStep(NamedTuple):
+    """One adapter's merge into one layer, computed before anything is written."""
+
+    name: str
+    idx: torch.Tensor
+    original: torch.Tensor  # the columns it overwrites (restored by unmerge)
+    merged: torch.Tensor  # the columns it writes, in the weight's dtype
+
+
+def _sync_idx_master(module: nn.Module, _incompatible: Any) -> None:
+    """After ``load_state_dict``: the loaded ``idx`` buffers become the CPU master copies."""
+    master = module.__dict__.get("_paca_idx_master")
+    if master is None:
+        return
+    for name in list(module.paca_idx.keys()):
+        buf = module.paca_idx[name]
+        if not buf.is_meta:
+            master[name] = buf.detach().to(device="cpu", dtype=torch.long).clone()
+
+
 class PacaLayer(nn.Module):
     """Common adapter bookkeeping; subclasses say how their weight maps to (out, in)."""
 
@@ -69,8 +89,13 @@ class PacaLayer(nn.Module):
         self.active_adapter: str | None = None
         self.disabled = False
         self.merged_adapters: list[str] = []
+        #: a CPU copy of each adapter's ``idx``: the buffer can be a meta tensor (a model
+        #: built on ``torch.device("meta")``), and ``to_empty()`` fills it with garbage;
+        #: :meth:`_apply` re-fills it from here when it leaves the meta device.
+        self._paca_idx_master: dict[str, torch.Tensor] = {}
         self.backend = backend
         backend_key(backend)  # known to the custom op before any torch.compile trace
+        self.register_load_state_dict_post_hook(_sync_idx_master)
 
     def __getattr__(self, name: str) -> Any:
         """Attributes the layer lacks come from the base layer (``weight``, ``bias``,
@@ -110,11 +135,13 @@ class PacaLayer(nn.Module):
         dtype = _DTYPES[delta_dtype] if delta_dtype else weight.dtype
         if not dtype.is_floating_point:
             raise TypeError(f"cannot train a PaCA delta in {dtype}; set delta_dtype='float32'")
-        shape = (weight.shape[0], int(idx.numel()), *weight.shape[2:])
+        master = idx.detach().to(device="cpu", dtype=torch.long).clone()
+        shape = (weight.shape[0], int(master.numel()), *weight.shape[2:])
         delta = nn.Parameter(torch.zeros(shape, dtype=dtype, device=weight.device))
         tag_parameter(delta, self.backend)
         self.paca_delta[name] = delta
-        self.paca_idx[name] = idx.to(device=weight.device, dtype=torch.long)
+        self.paca_idx[name] = master.to(device=weight.device)
+        self._paca_idx_master[name] = master
         if self.active_adapter is None:
             self.active_adapter = name
 
@@ -123,8 +150,26 @@ class PacaLayer(nn.Module):
             raise ValueError(f"adapter {name!r} is merged; unmerge it before deleting it")
         del self.paca_delta[name]
         self.paca_idx.pop(name)
+        self._paca_idx_master.pop(name, None)
         if self.active_adapter == name:
             self.active_adapter = next(iter(self.paca_delta.keys()), None)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
+        """``.to()``, ``to_empty()`` ...; indices and deltas that leave the meta device get
+        their real values (the saved indices, zero deltas) instead of uninitialized memory."""
+        meta_idx = [n for n, b in self.paca_idx._buffers.items() if b is not None and b.is_meta]
+        meta_delta = [n for n, p in self.paca_delta.items() if p.is_meta]
+        out = super()._apply(fn, recurse)
+        with torch.no_grad():
+            for n in meta_idx:
+                buf = self.paca_idx[n]
+                if not buf.is_meta and n in self._paca_idx_master:
+                    self.paca_idx[n] = self._paca_idx_master[n].to(device=buf.device)
+            for n in meta_delta:
+                p = self.paca_delta[n]
+                if not p.is_meta:  # a delta on meta was never trained: its value is its init
+                    p.zero_()
+        return out
 
     def set_backend(self, backend: Backend) -> None:
         self.backend = backend
@@ -148,35 +193,77 @@ class PacaLayer(nn.Module):
 
     # --- merge -----------------------------------------------------------------
     @torch.no_grad()
+    def plan_merge(self, names: Sequence[str]) -> list[MergeStep]:
+        """What merging ``names`` (in order) would write, computed without writing anything.
+
+        Each step holds the columns it overwrites (``original``, kept for an exact unmerge)
+        and the merged columns ``round(W[:, idx] + delta)`` (fp32 add, rounded once to the
+        weight's dtype), computed on top of the earlier steps. Already merged adapters are
+        skipped.
+        """
+        todo = [n for n in dict.fromkeys(names) if n not in self.merged_adapters]
+        if not todo:
+            return []
+        weight = self.weight_oi()
+        if weight.is_meta:
+            raise ValueError(
+                "its weight is on the meta device (no values); materialize the model "
+                "(to_empty() and load the weights) before merging"
+            )
+        cols = torch.cat([self.paca_idx[n] for n in todo]).unique()  # sorted
+        current = weight.index_select(1, cols)  # a copy: the plan never touches the weight
+        steps = []
+        for n in todo:
+            idx = self.paca_idx[n]
+            pos = torch.searchsorted(cols, idx)
+            original = current.index_select(1, pos)
+            merged = (original.float() + self.paca_delta[n].detach().float()).to(weight.dtype)
+            current.index_copy_(1, pos, merged)
+            steps.append(MergeStep(n, idx, original, merged))
+        return steps
+
+    @torch.no_grad()
+    def apply_merge(self, steps: Sequence[MergeStep]) -> None:
+        """Write a :meth:`plan_merge` plan. Each step's backup is recorded before its write,
+        so :meth:`unmerge` (or :meth:`unmerge_to`) restores exactly even after a failed write."""
+        weight = self.weight_oi()
+        for step in steps:
+            self._merge_backup[step.name] = step.original
+            self.merged_adapters.append(step.name)
+            self.backend.write_columns(weight, step.idx, step.merged)
+
+    @torch.no_grad()
     def merge(self, name: str, safe: bool = False) -> None:
         """Write ``W[:, idx] + delta`` into the base weight (computed in fp32, rounded once).
 
         The overwritten columns are kept so :meth:`unmerge` restores them exactly. With
-        ``safe=True`` the merged columns are checked for NaN/Inf first, and nothing is
-        written when the check fails.
+        ``safe=True`` the merged columns are checked for NaN/Inf in the weight's dtype
+        first, and nothing is written when the check fails. (:meth:`PacaModel.merge` plans
+        every layer before writing any.)
         """
-        if name in self.merged_adapters:
-            return
-        weight, idx = self.weight_oi(), self.paca_idx[name]
-        original = weight.index_select(1, idx).clone()
-        merged = original.float() + self.paca_delta[name].detach().float()
-        if safe and not torch.isfinite(merged.to(weight.dtype)).all():
+        steps = self.plan_merge([name])
+        if safe and not all(torch.isfinite(s.merged).all() for s in steps):
             raise ValueError(
                 f"refusing to merge adapter {name!r}: the merged weight would contain NaN or Inf "
-                f"({self.__class__.__name__} around {type(self.base_layer).__name__}); "
-                f"the base weight was left untouched"
+                f"in {self.weight_oi().dtype} ({self.__class__.__name__} around "
+                f"{type(self.base_layer).__name__}); nothing was written"
             )
-        self._merge_backup[name] = original
-        self.backend.write_columns(weight, idx, merged)
-        self.merged_adapters.append(name)
+        self.apply_merge(steps)
+
+    @torch.no_grad()
+    def unmerge_to(self, count: int) -> None:
+        """Unmerge the newest merged adapters until ``count`` remain, restoring exactly."""
+        weight = self.weight_oi()
+        while len(self.merged_adapters) > count:
+            name = self.merged_adapters[-1]
+            self.backend.write_columns(weight, self.paca_idx[name], self._merge_backup[name])
+            self._merge_backup.pop(name)
+            self.merged_adapters.pop()
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Restore the columns every merged adapter overwrote, newest first, exactly."""
-        weight = self.weight_oi()
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            self.backend.write_columns(weight, self.paca_idx[name], self._merge_backup.pop(name))
+        self.unmerge_to(0)
 
     def extra_repr(self) -> str:
         ranks = {
@@ -210,14 +297,60 @@ def register_layer_type(
     return deco
 
 
+def is_dense_float(t: object) -> bool:
+    """Whether ``t`` is a plain dense floating-point tensor (or ``nn.Parameter`` of one).
+
+    Quantized weights are not: bitsandbytes ``Int8Params``/``Params4bit``, torchao's
+    tensor subclasses (which may report a float dtype), int8 tensors, sparse layouts, and
+    uninitialized (lazy) parameters. A layer type for such modules must be registered
+    with :func:`register_layer_type` to adapt them.
+    """
+    return (
+        type(t) in (torch.Tensor, nn.Parameter)
+        and t.dtype.is_floating_point  # type: ignore[attr-defined]
+        and t.layout == torch.strided  # type: ignore[attr-defined]
+    )
+
+
 def _is_dense_linear(module: nn.Module) -> bool:
     if not isinstance(module, nn.Linear):
         return False
     w = getattr(module, "weight", None)
-    return isinstance(w, torch.Tensor) and tuple(w.shape) == (
+    return is_dense_float(w) and tuple(w.shape) == (  # type: ignore[union-attr]
         module.out_features,
         module.in_features,
     )
+
+
+#: module namespaces of quantization libraries whose ``*Linear*`` layers hold packed weights.
+_QUANT_NAMESPACES = (
+    "bitsandbytes",
+    "torchao",
+    "auto_gptq",
+    "gptqmodel",
+    "awq",
+    "hqq",
+    "optimum.quanto",
+    "quanto",
+    "fbgemm_gpu",
+    "compressed_tensors",
+)
+
+
+def is_quantized_module(module: nn.Module) -> bool:
+    """Whether ``module`` looks like a quantized linear layer (whether or not a registered
+    layer type accepts it): an ``nn.Linear`` whose weight is not a dense float tensor, a
+    module with a ``qweight``, or a ``*Linear*`` class of a known quantization library."""
+    if isinstance(module, nn.Linear):
+        w = getattr(module, "weight", None)
+        if isinstance(w, nn.parameter.UninitializedParameter):
+            return False
+        if not is_dense_float(w):
+            return True
+    if isinstance(getattr(module, "qweight", None), torch.Tensor):
+        return True
+    cls = type(module)
+    return cls.__module__.startswith(_QUANT_NAMESPACES) and "linear" in cls.__name__.lower()
 
 
 register_layer_type(_is_dense_linear)(PacaLinear)
@@ -237,12 +370,24 @@ def supported_type_names() -> list[str]:
 
 def unsupported_reason(module: nn.Module) -> str:
     """Why ``module`` cannot be adapted, as advice the user can act on."""
+    w = getattr(module, "weight", None)
+    if isinstance(w, nn.parameter.UninitializedParameter):
+        return "its weight is not initialized yet (a lazy layer): run one forward pass first"
+    if is_quantized_module(module):
+        what = (
+            f"a {type(w).__module__}.{type(w).__qualname__} of dtype {w.dtype}"
+            if isinstance(w, torch.Tensor)
+            else "packed (qweight)"
+        )
+        return (
+            f"it is a quantized layer (its weight is {what}, not a dense float tensor) and "
+            f"no registered PaCA layer type accepts this quantized module; load the model "
+            f"unquantized (or dequantize it), or exclude this module"
+        )
     if isinstance(module, nn.Linear):
-        w = getattr(module, "weight", None)
         return (
             f"its weight has shape {tuple(getattr(w, 'shape', ()))} instead of "
-            f"({module.out_features}, {module.in_features}) (a quantized or sharded layer?); "
-            f"quantized bases need a backend with the 'nf4' capability"
+            f"({module.out_features}, {module.in_features}) (a sharded layer?)"
         )
     if isinstance(module, nn.Conv2d) and module.groups != 1:
         return (

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
+import itertools
 import logging
 import re
 import warnings
@@ -21,10 +22,17 @@ import torch
 from torch import nn
 
 from paca.backend_abc import Backend
-from paca.config import ALL_LINEAR, PacaConfig
-from paca.layer import PacaLayer, layer_class_for, unsupported_reason
+from paca.config import ALL_LINEAR, PacaConfig, PacaConfigError
+from paca.layer import (
+    MergeStep,
+    PacaLayer,
+    is_quantized_module,
+    layer_class_for,
+    unsupported_reason,
+)
 from paca.modules_to_save import COPIES, ORIGINAL, ModulesToSaveWrapper
 from paca.selection import (
+    STRATEGIES,
     gradient_scores,
     select_columns,
     strategy_needs_calibration,
@@ -38,6 +46,170 @@ DEFAULT_ADAPTER = "default"
 
 class TargetModulesNotFoundError(ValueError):
     """``target_modules`` matched no module of the model."""
+
+
+class UnknownAdapterError(KeyError, ValueError):
+    """An adapter name that the model does not have (the message lists those it has)."""
+
+    def __str__(self) -> str:  # KeyError would show the message quoted
+        return str(self.args[0]) if self.args else ""
+
+
+class TiedWeightsError(ValueError):
+    """A target layer's weight is shared with another module (tied weights)."""
+
+
+class MergeError(ValueError):
+    """A merge was refused before anything was written; every base weight is untouched."""
+
+
+class TrainableOutsideAdapterError(RuntimeError):
+    """Parameters outside the adapter are trainable, so saving would silently drop them."""
+
+
+def check_adapter_name(name: object, what: str = "adapter_name") -> str:
+    """``name`` if it is a valid adapter name (a Python identifier), else a clear error."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise PacaConfigError(
+            f"{what} must be a valid Python identifier (letters, digits and underscores, not "
+            f"starting with a digit; e.g. 'default' or 'task_2'), got {name!r}: adapter "
+            f"names become parts of parameter names and folder names"
+        )
+    return name
+
+
+def _unknown_adapter(name: object, known: Iterable[str]) -> UnknownAdapterError:
+    known = sorted(known)
+    hint = difflib.get_close_matches(name, known, n=1) if isinstance(name, str) else []
+    return UnknownAdapterError(
+        f"no adapter {name!r}; adapters: {known}"
+        + (f" (did you mean {hint[0]!r}?)" if hint else "")
+    )
+
+
+def _is_meta(model: nn.Module) -> bool:
+    return any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+# --- tied weights -------------------------------------------------------------------
+def _display(name: str) -> str:
+    """A module or tensor name as the user's model has it (PaCA internals removed)."""
+    return ".".join(p for p in name.split(".") if p not in {"base_layer", ORIGINAL})
+
+
+def _extent(t: torch.Tensor) -> tuple[Any, ...] | None:
+    """``(device, storage pointer, first byte, end byte)`` of a tensor's memory."""
+    if t.is_meta or t.numel() == 0:
+        return None
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensor subclasses without a storage
+        return None
+    size = t.element_size()
+    start = t.storage_offset() * size
+    span = 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True))
+    return (str(t.device), ptr, start, start + span * size)
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a is b:
+        return True
+    ea, eb = _extent(a), _extent(b)
+    if ea is None or eb is None:
+        return False
+    return ea[:2] == eb[:2] and ea[2] < eb[3] and eb[2] < ea[3]
+
+
+def _transformers_ties(model: nn.Module) -> dict[str, str]:
+    """``{tensor name: why}`` for tensors transformers ties (``_tied_weights_keys`` of a
+    model whose config says ``tie_word_embeddings=True``); it re-ties them on load."""
+    out: dict[str, str] = {}
+    for prefix, module in model.named_modules():
+        keys = getattr(module, "_tied_weights_keys", None)
+        cfg = getattr(module, "config", None)
+        if not keys or cfg is None:
+            continue
+        tie = getattr(cfg, "tie_word_embeddings", None)
+        if tie is None:
+            with contextlib.suppress(Exception):
+                tie = cfg.get_text_config(decoder=True).tie_word_embeddings
+        if not tie:
+            continue
+        pairs = keys.items() if isinstance(keys, dict) else ((k, None) for k in keys)
+        for key, source in pairs:
+            full = f"{prefix}.{key}" if prefix else str(key)
+            out[full] = (
+                f"transformers ties it to {source!r}" if source else "transformers ties it"
+            ) + " (config.tie_word_embeddings=True) and re-ties it when the model is loaded"
+    return out
+
+
+def tied_weight_problems(model: nn.Module, targets: Iterable[tuple[str, nn.Module]]) -> list[str]:
+    """Why each of ``targets`` (``(name, module)``; PaCA layers count as their base layer)
+    shares its weight with something else: another module's tensor in the same memory, the
+    same module object under another parent, or a transformers weight tie."""
+    holders: list[tuple[str, nn.Module, str, torch.Tensor]] = []
+    parents: dict[int, set[tuple[int, str]]] = {}
+    names: dict[int, list[str]] = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(mod_name)
+        for attr, child in module._modules.items():
+            if child is not None:
+                parents.setdefault(id(child), set()).add((id(module), attr))
+        for attr, t in itertools.chain(module._parameters.items(), module._buffers.items()):
+            if isinstance(t, torch.Tensor):
+                holders.append((f"{mod_name}.{attr}" if mod_name else attr, module, attr, t))
+    ties = _transformers_ties(model)
+    problems: list[str] = []
+    for name, module in targets:
+        if isinstance(module, PacaLayer):
+            module = module.base_layer
+        shown = _display(name)
+        fix_untie = (
+            f"Either leave it out (remove it from target_modules or add {shown!r} to "
+            f"exclude_modules), or untie it first: model.{shown}.weight = "
+            f"torch.nn.Parameter(model.{shown}.weight.detach().clone())"
+        )
+        places = sorted({_display(n) for n in names.get(id(module), [])})
+        if len(parents.get(id(module), ())) > 1:
+            problems.append(
+                f"module {shown!r} is the same module object as {[p for p in places if p != shown]} "
+                f"(one layer used in several places); PaCA would adapt it in one place only, "
+                f"and a merge would change the others. Leave it out (exclude_modules) or give "
+                f"each place its own copy"
+            )
+            continue
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            continue
+        shared = sorted(
+            {
+                _display(h_name)
+                for h_name, h_mod, h_attr, t in holders
+                if not (h_mod is module and h_attr == "weight") and _same_memory(weight, t)
+            }
+        )
+        if shared:
+            problems.append(
+                f"module {shown!r}: its weight shares memory with {shared} (tied weights); "
+                f"merging would write the adapter into those too. {fix_untie}"
+                + (" and set model.config.tie_word_embeddings = False" if ties else "")
+            )
+            continue
+        why = ties.get(f"{_display(name)}.weight")
+        if why is not None:
+            problems.append(
+                f"module {shown!r}: {why}, so a merged or saved model would silently lose the "
+                f"change. {fix_untie} and set model.config.tie_word_embeddings = False"
+            )
+    return problems
+
+
+def _tied_error(problems: list[str], action: str) -> TiedWeightsError:
+    return TiedWeightsError(
+        f"{action}: {len(problems)} target module(s) have tied weights:\n  - "
+        + "\n  - ".join(problems)
+    )
 
 
 def _matches(name: str, pattern: list[str] | str | None) -> bool:
@@ -66,6 +238,9 @@ def find_targets(model: nn.Module, config: PacaConfig) -> list[tuple[str, nn.Mod
     """The ``(qualified name, module)`` pairs the config adapts, with clear errors."""
     heads = _output_head_names(model) if config.target_modules == ALL_LINEAR else set()
     found: list[tuple[str, nn.Module]] = []
+    quantized: list[
+        tuple[str, nn.Module]
+    ] = []  # matched quantized layers no registered layer type accepts
     for name, module in model.named_modules():
         if not name or isinstance(module, PacaLayer) or _inside_paca(name, model):
             continue
@@ -75,9 +250,14 @@ def find_targets(model: nn.Module, config: PacaConfig) -> list[tuple[str, nn.Mod
             cls = layer_class_for(module)
             if name not in heads and cls is not None and cls.linear_like:
                 found.append((name, module))
+            elif name not in heads and cls is None and is_quantized_module(module):
+                quantized.append((name, module))
             continue
         if _matches(name, config.target_modules):
             if layer_class_for(module) is None:
+                if isinstance(config.target_modules, str) and is_quantized_module(module):
+                    quantized.append((name, module))
+                    continue
                 if isinstance(config.target_modules, str) or _has_supported_children(module):
                     continue  # a regex or a container match; adaptable layers match on their own
                 raise TypeError(
@@ -87,6 +267,15 @@ def find_targets(model: nn.Module, config: PacaConfig) -> list[tuple[str, nn.Mod
                     f"add it to exclude_modules."
                 )
             found.append((name, module))
+    if quantized:
+        first = quantized[0][1]
+        raise TypeError(
+            f"target_modules={config.target_modules!r} matches {len(quantized)} quantized "
+            f"layer(s) that PaCA cannot adapt, e.g. {[n for n, _ in quantized[:5]]} "
+            f"({type(first).__module__}.{type(first).__qualname__}): "
+            f"{unsupported_reason(first)}. To adapt only the other layers, add them to "
+            f"exclude_modules."
+        )
     if not found:
         raise TargetModulesNotFoundError(_not_found_message(model, config))
     if isinstance(config.target_modules, list):
@@ -246,10 +435,16 @@ class PacaModel(nn.Module):
                 "this model is already wrapped with PaCA; add another adapter with "
                 "PacaModel.add_adapter(name, config) instead of wrapping it again"
             )
+        check_adapter_name(adapter_name)
         self.model = model
         self.paca_configs: dict[str, PacaConfig] = {}
         self.active_adapter = adapter_name
         self._backend = backend
+        #: ``requires_grad`` of every parameter (by name) before wrapping: unload() and
+        #: merge_and_unload() restore it exactly.
+        self._requires_grad_before: dict[str, bool] = {
+            n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)
+        }
         frozen = [(p, p.requires_grad) for p in model.parameters()]
         for p, _ in frozen:
             p.requires_grad_(False)
@@ -331,9 +526,15 @@ class PacaModel(nn.Module):
         ``save_directory/<name>/``. transformers' extra keyword arguments are accepted
         (``state_dict``: deltas are taken from it when it holds them;
         ``is_main_process=False``: write nothing); see :func:`paca.io.save_adapter`.
+
+        Raises :class:`TrainableOutsideAdapterError` (writing nothing) when parameters
+        outside the adapter are trainable (a bias the user unfroze): the adapter could not
+        hold them, so saving would silently drop their training.
         """
         from paca.io import save_pretrained
 
+        if kwargs.get("is_main_process", True):
+            self.check_nothing_trainable_outside()
         save_pretrained(self, save_directory, adapter_name, **kwargs)
 
     def load_adapter(
@@ -342,6 +543,7 @@ class PacaModel(nn.Module):
         """Add the adapter saved in ``directory`` as ``adapter_name`` (see :func:`paca.load`)."""
         from paca.io import load_adapter
 
+        check_adapter_name(adapter_name)
         load_adapter(self, directory, adapter_name, is_trainable=is_trainable)
 
     @property
@@ -376,8 +578,24 @@ class PacaModel(nn.Module):
         ``calibration`` (batches) and ``loss_fn`` feed strategies that look at gradients
         (``selection="gradient"``). On any error the model is left as it was.
         """
+        check_adapter_name(name, "adapter name")
+        if not isinstance(config, PacaConfig):
+            raise PacaConfigError(
+                f"config must be a paca.PacaConfig, got {type(config).__name__}"
+                + (
+                    "; build one with paca.PacaConfig(**d) or PacaConfig.from_dict(d)"
+                    if isinstance(config, dict)
+                    else " (a PEFT LoraConfig? PaCA takes paca.PacaConfig(r=..., ...))"
+                )
+            )
+        config.validate()
         if name in self.paca_configs:
             raise ValueError(f"adapter {name!r} already exists; pick another name")
+        if loss_fn is not None and not callable(loss_fn):
+            raise PacaConfigError(
+                f"loss_fn must be callable as loss_fn(output, batch) -> loss, got "
+                f"{type(loss_fn).__name__}"
+            )
         targets = find_targets(self._unwrapped_view(), config)
         given = dict(config.indices or {})
         unknown = sorted(set(given) - {n for n, _ in targets})
@@ -388,6 +606,11 @@ class PacaModel(nn.Module):
             )
         to_save = find_modules_to_save(self._unwrapped_view(), config, [n for n, _ in targets])
         self._check_no_overlap([n for n, _ in targets], to_save)
+        new_targets = [(n, m) for n, m in targets if self._existing_layer(n) is None]
+        tied = tied_weight_problems(self.model, new_targets)
+        if tied:
+            raise _tied_error(tied, f"cannot add PaCA adapter {name!r}")
+        self._check_selection(config, [(n, m) for n, m in targets if n not in given])
         created: list[tuple[str, PacaLayer]] = []
         layers: dict[str, PacaLayer] = {}
         wrapped: list[tuple[str, ModulesToSaveWrapper]] = []
@@ -453,6 +676,26 @@ class PacaModel(nn.Module):
         self.set_adapter(self.active_adapter if self.active_adapter in self.paca_configs else name)
         logger.info("PaCA adapter %r added to %d layers", name, len(targets))
 
+    @staticmethod
+    def _check_selection(config: PacaConfig, pending: list[tuple[str, nn.Module]]) -> None:
+        """Refuse an unknown strategy, or one that reads weights of a meta-device model,
+        before any layer is replaced."""
+        if not pending:
+            return
+        if config.selection not in STRATEGIES:
+            raise ValueError(
+                f"unknown PaCA selection strategy {config.selection!r} (PacaConfig.selection); "
+                f"known: {', '.join(sorted(STRATEGIES))}"
+            )
+        if config.selection in {"weight_norm", "gradient"}:
+            meta = [n for n, m in pending if any(p.is_meta for p in m.parameters())]
+            if meta:
+                raise ValueError(
+                    f"selection={config.selection!r} reads the weights, but {meta[:5]} are on "
+                    f"the meta device (no values): use selection='random' or explicit "
+                    f"PacaConfig.indices, or materialize and load the model before wrapping"
+                )
+
     def _check_no_overlap(self, targets: list[str], to_save: list[str]) -> None:
         """Refuse modules_to_save on PaCA layers of other adapters and targets that other
         adapters train in full (the current adapter's overlap is found by matching)."""
@@ -492,8 +735,8 @@ class PacaModel(nn.Module):
 
     def set_adapter(self, name: str) -> None:
         """Make ``name`` the active (and only trainable) adapter."""
-        if name not in self.paca_configs:
-            raise KeyError(f"no adapter {name!r}; adapters: {sorted(self.paca_configs)}")
+        if not isinstance(name, str) or name not in self.paca_configs:
+            raise _unknown_adapter(name, self.paca_configs)
         self.active_adapter = name
         for _, layer in self.paca_layers():
             layer.active_adapter = name if name in layer.paca_delta else None
@@ -503,8 +746,8 @@ class PacaModel(nn.Module):
             wrapper.set_adapter(name)
 
     def delete_adapter(self, name: str) -> None:
-        if name not in self.paca_configs:
-            raise KeyError(f"no adapter {name!r}; adapters: {sorted(self.paca_configs)}")
+        if not isinstance(name, str) or name not in self.paca_configs:
+            raise _unknown_adapter(name, self.paca_configs)
         if len(self.paca_configs) == 1:
             raise ValueError(
                 f"adapter {name!r} is the only one; use unload() to get the base model back, "
@@ -548,32 +791,130 @@ class PacaModel(nn.Module):
                 wrapper.disabled = was
 
     # --- merge / unload -----------------------------------------------------------
-    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Merge adapters into the base weights (fp32 arithmetic, exact unmerge)."""
-        names = adapter_names or [self.active_adapter]
-        layers = [layer for _, layer in self.paca_layers()]
-        if safe_merge:  # check every layer before touching any weight
-            for name in names:
-                for mod_name, layer in self.paca_layers():
-                    if name in layer.paca_delta:
-                        delta = layer.paca_delta[name]
-                        if not torch.isfinite(delta).all():
-                            raise ValueError(
-                                f"refusing to merge adapter {name!r}: module {mod_name!r} has "
-                                f"NaN/Inf in its delta; no weight was changed"
-                            )
-        for name in names:
-            for layer in layers:
-                if name in layer.paca_delta:
-                    layer.merge(name, safe=safe_merge)
+    def _adapter_names(self, adapter_names: str | Iterable[str] | None) -> list[str]:
+        if adapter_names is None:
+            return [self.active_adapter]
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if not names:
+            raise ValueError(
+                f"adapter_names is empty; name adapters to merge (this model has "
+                f"{sorted(self.paca_configs)}) or pass None for the active one"
+            )
+        for n in names:
+            if not isinstance(n, str) or n not in self.paca_configs:
+                raise _unknown_adapter(n, self.paca_configs)
+        return list(dict.fromkeys(names))
+
+    def merge(
+        self, adapter_names: str | Iterable[str] | None = None, safe_merge: bool = False
+    ) -> None:
+        """Merge adapters (default: the active one) into the base weights, all or nothing.
+
+        Every layer's merged columns (fp32 add, one rounding to the weight's dtype) are
+        computed before any weight is written; the merge is refused, with nothing written,
+        when an adapter name is unknown, a target's weight is tied to another tensor, or
+        (``safe_merge=True``) any merged column would be NaN/Inf *in the weight's dtype*
+        (e.g. fp16 overflow). The error names every offending module. If a backend fails
+        while writing, the layers already written are unmerged again before the error
+        propagates. :meth:`unmerge` restores the base weights bit for bit.
+        """
+        names = self._adapter_names(adapter_names)
+        plans: list[tuple[str, PacaLayer, list[MergeStep]]] = []
+        failures: list[str] = []
+        for mod_name, layer in self.paca_layers():
+            wanted = [n for n in names if n in layer.paca_delta]
+            if not wanted:
+                continue
+            try:
+                steps = layer.plan_merge(wanted)
+            except ValueError as e:
+                failures.append(f"module {mod_name!r}: {e}")
+                continue
+            if safe_merge:
+                for step in steps:
+                    if not bool(torch.isfinite(step.merged).all()):
+                        failures.append(
+                            f"module {mod_name!r} (adapter {step.name!r}): the merged weight "
+                            f"would contain NaN or Inf in {step.merged.dtype}"
+                        )
+            if steps:
+                plans.append((mod_name, layer, steps))
+        tied = tied_weight_problems(self.model, [(n, layer) for n, layer, _ in plans])
+        if tied:
+            raise _tied_error(tied, f"refusing to merge adapter(s) {names}; nothing was written")
+        if failures:
+            raise MergeError(
+                f"refusing to merge adapter(s) {names}: {len(failures)} problem(s); nothing "
+                f"was written, every base weight is untouched:\n  - "
+                + "\n  - ".join(failures)
+                + (
+                    "\nNaN/Inf: a diverged delta, or a merged value beyond the weight dtype's "
+                    "range (fp16 max is 65504); keep the adapter unmerged, or merge into a "
+                    "float32/bfloat16 copy of the model"
+                    if safe_merge
+                    else ""
+                )
+            )
+        before = [(layer, len(layer.merged_adapters)) for _, layer, _ in plans]
+        try:
+            for _, layer, steps in plans:
+                layer.apply_merge(steps)
+        except BaseException:
+            for layer, count in before:  # put back what was written, exactly
+                layer.unmerge_to(count)
+            raise
 
     def unmerge(self) -> None:
         for _, layer in self.paca_layers():
             layer.unmerge()
 
+    def trainable_outside_adapters(self) -> list[str]:
+        """Names of trainable parameters that no adapter owns (not a PaCA delta, not a
+        ``modules_to_save`` copy), e.g. a bias the user unfroze: an adapter save would not
+        contain them."""
+        owned = {id(p) for _, layer in self.paca_layers() for p in layer.paca_delta.values()}
+        for _, wrapper in self.modules_to_save_wrappers():
+            owned.update(id(p) for p in wrapper.modules_to_save.parameters())
+        return [
+            n for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in owned
+        ]
+
+    def check_nothing_trainable_outside(self, action: str = "save the adapter") -> None:
+        """Raise :class:`TrainableOutsideAdapterError` if :meth:`trainable_outside_adapters`
+        is not empty: their trained values would be silently dropped by ``action``."""
+        names = self.trainable_outside_adapters()
+        if not names:
+            return
+        modules = sorted({_display(n.rpartition(".")[0]) or n for n in names})
+        raise TrainableOutsideAdapterError(
+            f"refusing to {action}: {len(names)} parameter(s) outside the PaCA adapter are "
+            f"trainable and would not be saved with it: {[_display(n) for n in names[:10]]}. "
+            f"An adapter holds only PaCA deltas and modules_to_save copies. Either freeze "
+            f"them (p.requires_grad_(False)) if you did not mean to train them, or train "
+            f"those modules in full with PacaConfig(modules_to_save={modules[:5]}) so their "
+            f"trained copies are saved with the adapter. Values already trained in place "
+            f"live only in this in-memory base model."
+        )
+
+    def _restore_requires_grad(self, model: nn.Module) -> None:
+        for n, p in model.named_parameters(remove_duplicate=False):
+            was = self._requires_grad_before.get(n)
+            if was is not None:
+                p.requires_grad_(was)
+
     def _replace_layers(self, merge: bool, safe_merge: bool = False) -> nn.Module:
         if merge:
             self.merge(safe_merge=safe_merge)
+        untracked = self.trainable_outside_adapters()
+        if untracked:
+            warnings.warn(
+                f"parameters outside the adapter were trainable: "
+                f"{[_display(n) for n in untracked[:10]]}; whatever training changed in them "
+                f"stays in the returned model ({'merge_and_unload' if merge else 'unload'} "
+                f"restores only what PaCA changed)",
+                UserWarning,
+                stacklevel=3,
+            )
         for name, layer in list(self.paca_layers()):
             if not merge:
                 layer.unmerge()
@@ -587,17 +928,20 @@ class PacaModel(nn.Module):
             )
             _set_submodule(self.model, name, keep)
         model = self.model
-        for p in model.parameters():
-            p.requires_grad_(True)
+        self._restore_requires_grad(model)
         return model
 
     def merge_and_unload(self, safe_merge: bool = False) -> nn.Module:
         """The base model with the active adapter merged in, and no PaCA layers left; modules
-        in the adapter's ``modules_to_save`` are replaced by its trained copies."""
+        in the adapter's ``modules_to_save`` are replaced by its trained copies. The merge
+        is all-or-nothing (see :meth:`merge`): on refusal the model stays wrapped and
+        unchanged. Every parameter's ``requires_grad`` is restored to its value before
+        ``wrap``."""
         return self._replace_layers(merge=True, safe_merge=safe_merge)
 
     def unload(self) -> nn.Module:
-        """The base model with its original weights and modules (bit-exact), no PaCA layers."""
+        """The base model with its original weights and modules (bit-exact), no PaCA layers,
+        and every parameter's ``requires_grad`` as it was before ``wrap``."""
         return self._replace_layers(merge=False)
 
     # --- reporting ---------------------------------------------------------------
@@ -616,9 +960,7 @@ class PacaModel(nn.Module):
 
     def to_backend(self, backend: Backend | str) -> PacaModel:
         """Compute with another backend, moving the model to its device."""
-        from paca._registry import registry
-
-        b = registry().instance(backend) if isinstance(backend, str) else backend
+        b = _resolve_backend(backend, "to_backend(backend)")
         self._backend = b
         for _, layer in self.paca_layers():
             layer.set_backend(b)
@@ -649,6 +991,28 @@ class _BaseView(nn.Module):
         return get_out() if callable(get_out) else None
 
 
+def _resolve_backend(backend: object, what: str = "backend") -> Backend:
+    """A backend object from a name, an instance or ``None`` (the selected backend)."""
+    from paca._registry import registry
+
+    if backend is None:
+        return registry().current()
+    if isinstance(backend, str):
+        return registry().instance(backend)
+    if isinstance(backend, Backend):
+        return backend
+    if isinstance(backend, type) and issubclass(backend, Backend):
+        raise PacaConfigError(
+            f"{what} is the class {backend.__name__}, not an instance; pass its name "
+            f"(backend={getattr(backend, 'name', '?')!r}) or an instance ({backend.__name__}())"
+        )
+    raise PacaConfigError(
+        f"{what} must be a backend name such as 'cpu' or 'cuda', a paca.Backend instance, or "
+        f"None for the selected backend; got {type(backend).__name__} {backend!r:.60}. "
+        f"paca.list_backends() shows what is installed."
+    )
+
+
 def wrap(
     model: nn.Module,
     config: PacaConfig | None = None,
@@ -661,23 +1025,56 @@ def wrap(
 ) -> PacaModel:
     """Add a PaCA adapter to ``model`` and freeze everything but its deltas.
 
+    Every argument is checked before the model is touched; a wrong type or value raises
+    :class:`paca.config.PacaConfigError` naming the argument.
+
     Args:
         model: any ``nn.Module`` (a transformers model or a plain torch module).
         config: which layers and how many columns; ``PacaConfig()`` if omitted.
-        adapter_name: name of this adapter (several can live on one model).
+        adapter_name: name of this adapter, a Python identifier (several can live on one
+            model).
         backend: backend object or name; the selected one (:func:`paca.get_backend`)
             if omitted.
-        move_to_device: move the model to the backend's device.
+        move_to_device: move the model to the backend's device. A model on the meta
+            device is never moved (it has no values to move): materialize it afterwards
+            with ``to_empty(device=...)``; the column indices survive that.
         calibration: batches for ``selection="gradient"`` (dicts are passed as keyword
             arguments, tuples/lists as positional ones, anything else as one argument).
         loss_fn: ``loss_fn(output, batch) -> loss`` for calibration; default ``output.loss``.
-    """
-    from paca._registry import registry
 
-    reg = registry()
-    b = reg.instance(backend) if isinstance(backend, str) else (backend or reg.current())
-    if move_to_device:
+    Target layers whose weight is tied to another tensor (GPT-2's ``lm_head`` and input
+    embedding) are refused with :class:`TiedWeightsError`, and quantized layers that no
+    registered layer type accepts with a ``TypeError`` naming them.
+    """
+    if not isinstance(model, nn.Module):
+        raise PacaConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if config is not None and not isinstance(config, PacaConfig):
+        raise PacaConfigError(
+            f"config must be a paca.PacaConfig or None, got {type(config).__name__}"
+            + (
+                "; build one with paca.PacaConfig(**d) or PacaConfig.from_dict(d)"
+                if isinstance(config, dict)
+                else " (a PEFT LoraConfig? PaCA takes paca.PacaConfig(r=..., ...))"
+            )
+        )
+    config = (config or PacaConfig()).validate()
+    check_adapter_name(adapter_name)
+    if not isinstance(move_to_device, bool):
+        raise PacaConfigError(f"move_to_device must be True or False, got {move_to_device!r}")
+    if loss_fn is not None and not callable(loss_fn):
+        raise PacaConfigError(
+            f"loss_fn must be callable as loss_fn(output, batch) -> loss, got "
+            f"{type(loss_fn).__name__}"
+        )
+    if calibration is not None and (
+        isinstance(calibration, (str, bytes, torch.Tensor, dict))
+        or not isinstance(calibration, Iterable)
+    ):
+        raise PacaConfigError(
+            f"calibration must be an iterable of batches (e.g. [batch1, batch2] or a "
+            f"DataLoader), got {type(calibration).__name__}; wrap a single batch in a list"
+        )
+    b = _resolve_backend(backend)
+    if move_to_device and not _is_meta(model):
         model = model.to(b.device())
-    return PacaModel(
-        model, config or PacaConfig(), b, adapter_name, calibration=calibration, loss_fn=loss_fn
-    )
+    return PacaModel(model, config, b, adapter_name, calibration=calibration, loss_fn=loss_fn)

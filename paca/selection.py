@@ -68,13 +68,37 @@ def check_rank(r: int, n: int, key: str) -> None:
 
 
 def validate_indices(idx: torch.Tensor | list[int], n: int, key: str) -> torch.Tensor:
-    """Check user- or strategy-given indices: 1-D, distinct, within range."""
-    t = torch.as_tensor(idx, dtype=torch.long).flatten().cpu()
+    """Check user- or strategy-given indices: ints (floats are refused, never truncated),
+    distinct, within ``[0, n)``; returned sorted as a CPU int64 tensor."""
+    if isinstance(idx, torch.Tensor):
+        if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+            raise TypeError(
+                f"PaCA indices for {key!r} must be integers, got a {idx.dtype} tensor "
+                f"(floats are not truncated); return or pass column numbers as ints"
+            )
+        t = idx.detach().flatten().to(device="cpu", dtype=torch.long)
+    else:
+        from paca.config import as_int
+
+        if isinstance(idx, (str, bytes)) or not hasattr(idx, "__iter__"):
+            raise TypeError(
+                f"PaCA indices for {key!r} must be a list of column numbers, got "
+                f"{type(idx).__name__} {idx!r:.60}"
+            )
+        values = [
+            as_int(v, f"PaCA indices for {key!r}: item {i}", "floats are not truncated")
+            for i, v in enumerate(idx)
+        ]
+        t = torch.tensor(values, dtype=torch.long)
     check_rank(int(t.numel()), n, key)
     if int(t.min()) < 0 or int(t.max()) >= n:
-        raise ValueError(f"PaCA indices for {key!r} must lie in [0, {n}); got {t.tolist()}")
+        bad = [i for i in t.tolist() if not 0 <= i < n]
+        raise ValueError(
+            f"PaCA indices for {key!r} must lie in [0, {n}) (the module has {n} input "
+            f"columns/channels); {bad[:10]} do not, got {t.tolist()[:20]}"
+        )
     if t.unique().numel() != t.numel():
-        raise ValueError(f"PaCA indices for {key!r} must be distinct; got {t.tolist()}")
+        raise ValueError(f"PaCA indices for {key!r} must be distinct; got {t.tolist()[:20]}")
     return t.sort().values
 
 
