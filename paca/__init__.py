@@ -26,6 +26,7 @@ _LAZY = {
     "Backend": "paca.backend_abc",
     "BackendUnavailableError": "paca.backend_abc",
     "UnknownBackendError": "paca._registry",
+    "BackendBuildError": "paca._registry",
     "BackendInfo": "paca._registry",
     "load": "paca.io",
     "AdapterMismatchError": "paca.io",
@@ -34,7 +35,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from paca._registry import BackendInfo, UnknownBackendError
+    from paca._registry import BackendBuildError, BackendInfo, UnknownBackendError
     from paca.backend_abc import Backend, BackendUnavailableError
     from paca.config import PacaConfig
     from paca.export import ExportError, export_lora
@@ -44,6 +45,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "AdapterMismatchError",
     "Backend",
+    "BackendBuildError",
     "BackendInfo",
     "BackendUnavailableError",
     "ExportError",
@@ -79,13 +81,16 @@ def _reg() -> Any:
     return registry()
 
 
-def use_backend(name: str | None) -> Backend | None:
-    """Select the backend for this process by name (``None`` or ``"auto"``: auto-detect).
+def use_backend(backend: str | Backend | None) -> Backend | None:
+    """Select the backend for this process, by name or as a :class:`Backend` instance
+    (``None`` or ``"auto"``: auto-detect again).
 
-    Raises :class:`UnknownBackendError` (listing what exists) or
-    :class:`BackendUnavailableError` (saying why) when it cannot be used.
+    Raises :class:`UnknownBackendError` (listing what exists),
+    :class:`BackendUnavailableError` (saying why it cannot run here),
+    :class:`BackendBuildError` (its constructor raised) or ``TypeError`` (neither a name
+    nor a Backend).
     """
-    return _reg().use(name)
+    return _reg().use(backend)
 
 
 def get_backend() -> Backend:
@@ -99,9 +104,9 @@ def list_backends() -> list[BackendInfo]:
 
 
 @contextlib.contextmanager
-def backend(name: str) -> Iterator[Backend]:
-    """Use backend ``name`` inside a ``with`` block (this thread/context only)."""
-    with _reg().using(name) as b:
+def backend(backend: str | Backend) -> Iterator[Backend]:
+    """Use a backend (name or instance) inside a ``with`` block (this thread/context only)."""
+    with _reg().using(backend) as b:
         yield b
 
 

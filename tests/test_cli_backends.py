@@ -31,8 +31,10 @@ def test_lists_builtins_and_the_auto_selection(capsys):
     code, out = run_cli(capsys)
     assert code == 0
     header = out.splitlines()[0].split()
-    assert header == ["NAME", "PROVIDED", "BY", "DEVICE", "PRIORITY", "AVAILABLE", "CAPABILITIES"]
-    assert row(out, "cpu")[:6] == ["cpu", "paca", "0.1.0", "cpu", "0", "yes"]
+    assert header == [
+        "NAME", "PROVIDED", "BY", "DEVICE", "PRIORITY", "API", "AVAILABLE", "CAPABILITIES"
+    ]  # fmt: skip
+    assert row(out, "cpu")[:7] == ["cpu", "paca", "0.1.0", "cpu", "0", "2.0", "yes"]
     assert any(line.startswith("*  cpu ") for line in out.splitlines())  # cpu is selected
     assert "selected: cpu (auto-detected (highest-priority available backend))" in out
 

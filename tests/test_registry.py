@@ -74,7 +74,12 @@ def test_unavailable_backend_says_why(plugin_path):
 
 
 def test_lazy_loading_only_imports_the_requested_plugin(plugin_path):
-    make_distribution(plugin_path, "paca-toy", {"toy": "toy_plugin"}, {"toy_plugin": GOOD_PLUGIN})
+    make_distribution(  # one entry point per backend, named like it: no name warning
+        plugin_path,
+        "paca-toy",
+        {"toy": "toy_plugin", "toy-off": "toy_plugin"},
+        {"toy_plugin": GOOD_PLUGIN},
+    )
     make_distribution(
         plugin_path, "paca-other", {"other": "other_plugin"}, {"other_plugin": "raise SystemError"}
     )

@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import Any
 
+from paca.cli.common import UsageError, input_file, output_folder
+
 GIB = 1024**3
 
 
@@ -70,13 +72,20 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     if args.budget_gib is not None:
         out["budget_bytes"] = int(args.budget_gib * GIB)
     if args.seq_points:
-        out["seq_points"] = tuple(int(x) for x in args.seq_points.split(","))
+        try:
+            out["seq_points"] = tuple(int(x) for x in args.seq_points.split(",") if x.strip())
+        except ValueError:
+            raise UsageError(
+                f"--seq-points {args.seq_points!r}: give a comma list of whole numbers, "
+                f"e.g. 128,256,512"
+            ) from None
     return out
 
 
 def run(args: argparse.Namespace) -> int:
     from paca.bench import preset, run_benchmark, total_units, write_outputs
 
+    output_folder(args.out, "--out", "bench.json, bench.md and bench.png")  # before, not after
     if args.from_json:
         return _rerender(args)
     import importlib.util
@@ -112,16 +121,18 @@ def run(args: argparse.Namespace) -> int:
 def _rerender(args: argparse.Namespace) -> int:
     import datetime
     import json
-    from pathlib import Path
 
     from paca.bench import SCHEMA, write_outputs
     from paca.bench.runner import derive
 
-    result = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
-    if result.get("schema") != SCHEMA:
-        raise ValueError(
-            f"{args.from_json} is not a {SCHEMA} result (schema {result.get('schema')!r})"
-        )
+    path = input_file(args.from_json, "--from-json", "a bench.json written by paca bench")
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--from-json {path} is not valid JSON: {exc}") from None
+    if not isinstance(result, dict) or result.get("schema") != SCHEMA:
+        found = result.get("schema") if isinstance(result, dict) else type(result).__name__
+        raise UsageError(f"--from-json {path} is not a {SCHEMA} result (schema {found!r})")
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     result.setdefault("rerendered_utc", []).append(stamp)  # the raw samples are unchanged
     paths = write_outputs(derive(result, refit=True), args.out, chart=not args.no_chart)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from paca.cli.common import output_folder
+
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
@@ -25,6 +27,7 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from paca.experiment.compare import compare, format_table
 
+    output_folder(args.out, "--out", "compare.md and compare.png")
     result = compare(args.runs, out_dir=args.out, png=not args.no_plot)
     print(format_table(result["rows"], markdown=True) if args.markdown else result["table"])
     print(f"wrote {result['markdown']}")

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
+
+from paca.cli.common import UsageError, output_folder
 
 
 def add_parser(sub: Any) -> None:
@@ -62,7 +65,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from paca.experiment.schema import load_experiment, resolve_experiment_path
+    from paca.experiment.schema import load_experiment
     from paca.quickstart import default_experiment
 
     overrides = parse_overrides(args.overrides)
@@ -77,7 +80,13 @@ def run(args: argparse.Namespace) -> int:
     elif args.experiment is None:
         exp = default_experiment(overrides)
     else:
-        exp = load_experiment(resolve_experiment_path(args.experiment), overrides)
+        exp = load_experiment(experiment_file(args.experiment), overrides)
+    if args.run_dir is not None and not args.resume:
+        output_folder(args.run_dir, "--run-dir", "the run (config, metrics, adapter)")
+    if args.resume:
+        folder = Path(args.resume)
+        if folder.exists() and not folder.is_dir():
+            raise UsageError(f"--resume {folder} is a file; give the run folder to continue")
 
     from paca.experiment.runner import run_experiment
 
@@ -94,6 +103,25 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(format_summary(s, str(result.run_dir)))
     return 0
+
+
+def experiment_file(name: str) -> Path:
+    """The experiment file ``name`` names: a path, or a shipped experiment's name."""
+    from paca.experiment.schema import resolve_experiment_path, shipped_experiments
+
+    path = resolve_experiment_path(name)
+    if path.is_dir():
+        raise UsageError(
+            f"{name} is a folder, not an experiment file; give a .toml file (to continue the "
+            f"run in a run folder: paca run --resume {name})"
+        )
+    if not path.exists():
+        shipped = ", ".join(sorted(shipped_experiments())) or "none"
+        raise UsageError(
+            f"no experiment file {name!r} and no shipped experiment of that name; give the "
+            f"path of a .toml file, or one of: {shipped} (docs/experiments.md)"
+        )
+    return path
 
 
 def _num(value: Any, fmt: str) -> str:

@@ -34,6 +34,10 @@ class RunFolderExistsError(FileExistsError):
     """The run folder already holds a run and ``resume`` was not asked for."""
 
 
+class RunCompletedError(ExperimentError):
+    """``resume`` was asked for a run that already completed: there is nothing to continue."""
+
+
 @dataclass
 class RunResult:
     run_dir: Path
@@ -264,7 +268,27 @@ def run_experiment(
         exp = stored
         summary_file = Path(run_dir) / record.SUMMARY_FILE
         if summary_file.is_file():
-            previous = record.read_json(summary_file)
+            try:
+                previous = record.read_json(summary_file)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise ExperimentError(
+                    f"cannot resume {run_dir}: {summary_file} is not valid JSON ({exc}); "
+                    f"restore it, or delete it to resume from the last checkpoint anyway"
+                ) from None
+            if not isinstance(previous, dict):
+                raise ExperimentError(
+                    f"cannot resume {run_dir}: {summary_file} holds {type(previous).__name__}, "
+                    f"not a run summary; restore it, or delete it to resume anyway"
+                )
+        if previous.get("status") == "completed":
+            # Resuming would train past the end from the last checkpoint and overwrite the
+            # finished adapter: refuse, and say how to train longer without losing it.
+            raise RunCompletedError(
+                f"cannot resume {run_dir}: that run already completed "
+                f"({previous.get('steps', '?')} steps; its adapter is kept as it is). To train "
+                f"longer, start a new run from its experiment, e.g. paca run "
+                f"{Path(run_dir) / record.EXPERIMENT_FILE} --set train.steps=N --run-dir NEW_DIR"
+            )
         backend = backend or previous.get("backend")
     if exp is None:
         raise ValueError("run_experiment needs an experiment (or resume=True and run_dir)")
