@@ -25,7 +25,7 @@ from paca.backend_abc import BackendUnavailableError
 from paca.testing import check_backend
 
 HAS_TRITON = kernel_loader.triton_installed()
-CACHE_ITEMS = ("op_forward", "op_delta_grad", "saved_activations", "merge_unmerge")
+
 
 
 def _items(*prefixes: str) -> list[str]:
@@ -126,22 +126,11 @@ def test_triton_paths_pass_the_conformance_suite_under_the_interpreter(interpret
     report.raise_for_failures()
 
 
-def test_conformance_holds_with_the_weight_cache_on():
-    from paca import weight_cache
-
-    backend = CUDABackend(kernels="torch", cache_effective_weight=True)
-    try:
-        report = check_backend(backend, device="cpu", items=_items(*CACHE_ITEMS))
-    finally:
-        weight_cache.clear()
-    report.raise_for_failures()
-
-
 # ------------------------------------------------------------ individual paths
 def test_half_precision_delta_grad_accumulates_in_fp32_on_the_fallback():
     g = torch.randn(4096, 8, dtype=torch.bfloat16)
     x = torch.randn(4096, 4, dtype=torch.bfloat16)
-    got = CUDABackend(kernels="torch").delta_grad(g, x)
+    got = CUDABackend(kernels="torch").delta_grad(g, x, torch.float32)
     ref = g.double().t() @ x.double()
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-3)
@@ -226,11 +215,8 @@ def test_registry_picks_cuda_on_a_gpu_machine():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("cache", [False, True], ids=["per-call", "step-cache"])
-def test_training_step_never_synchronizes_with_the_host(cache):
-    from paca import weight_cache
-
-    model = _tiny(CUDABackend(cache_effective_weight=cache)).cuda()
+def test_training_step_never_synchronizes_with_the_host():
+    model = _tiny(CUDABackend()).cuda()
     x = torch.randn(8, 16, device="cuda")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], fused=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):  # warm-up: one-time probes, compiles
@@ -239,7 +225,7 @@ def test_training_step_never_synchronizes_with_the_host(cache):
     torch.cuda.synchronize()
     try:
         for _ in range(2):
-            # forward (incl. the cache's column write after a step) and backward run under
+            # forward (incl. the column swap after a step) and backward run under
             # "error", so any host sync in PaCA raises; torch's optimizer step runs outside
             torch.cuda.set_sync_debug_mode("error")
             with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -250,7 +236,6 @@ def test_training_step_never_synchronizes_with_the_host(cache):
             opt.zero_grad(set_to_none=True)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-        weight_cache.clear()
 
 
 @pytest.mark.cuda
@@ -293,7 +278,7 @@ def test_bf16_delta_grad_uses_fp32_output_gemm_on_the_gpu():
     backend = CUDABackend(kernels="torch")
     g = torch.randn(8192, 64, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(8192, 8, device="cuda", dtype=torch.bfloat16)
-    got = backend.delta_grad(g, x)
+    got = backend.delta_grad(g, x, torch.float32)
     assert got.dtype == torch.float32
     assert backend._mm_out_dtype.get(("cuda", torch.bfloat16)) is True, "mm(out_dtype) missing"
     ref = g.double().t() @ x.double()

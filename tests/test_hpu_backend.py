@@ -326,9 +326,9 @@ def test_lazy_mode_no_marks_for_inference_or_foreign_optimizers(lazy_sdk):
     assert fake_events().count("mark_step") == 0
 
 
-def test_auto_mark_step_can_be_handed_to_a_trainer(lazy_sdk):
+def test_step_hooks_enabled_can_be_handed_to_a_trainer(lazy_sdk):
     pm = _wrap("hpu")
-    pm.backend.auto_mark_step = False
+    pm.backend.step_hooks_enabled = False
     try:
         fake_events().clear_events()
         _train(pm, steps=2)
@@ -336,7 +336,7 @@ def test_auto_mark_step_can_be_handed_to_a_trainer(lazy_sdk):
         pm.backend.mark_step()  # explicit boundary still available without htcore
         assert fake_events().kinds() == ["mark_step"]
     finally:
-        pm.backend.auto_mark_step = True
+        pm.backend.step_hooks_enabled = True
 
 
 def test_eager_mode_never_marks_steps(eager_sdk):
@@ -413,9 +413,11 @@ def test_indices_must_live_on_the_device(lazy_sdk):
     b = paca.use_backend("hpu")
     w, delta = torch.randn(4, 6), torch.zeros(4, 2)
     with pytest.raises(ValueError, match="fixed tensor"):
-        b.effective_weight(w, torch.tensor([1, 3], device="meta"), delta)
+        b.linear_forward(torch.randn(2, 6), w, None, delta, torch.tensor([1, 3], device="meta"))
     with pytest.raises(ValueError, match="1-D int64"):
-        b.effective_weight(w, torch.tensor([1, 3], dtype=torch.int32), delta)
+        b.linear_forward(
+            torch.randn(2, 6), w, None, delta, torch.tensor([1, 3], dtype=torch.int32)
+        )
 
 
 def test_describe_memory_and_synchronize(lazy_sdk):
@@ -622,7 +624,7 @@ def test_gaudi_callback_leaves_step_marking_to_the_trainer(lazy_sdk):
     micro = ["mark_step", "test:backward"]
     assert fake_events().kinds() == ([*micro, *micro, "mark_step", "test:step"]) * steps
     callback.on_train_end(args, None, None)
-    assert pm.backend.auto_mark_step is True
+    assert pm.backend.step_hooks_enabled is True
 
 
 def test_gaudi_trainer_glue_without_optimum_habana_says_how_to_install():
