@@ -279,18 +279,24 @@ def find_targets(model: nn.Module, config: PacaConfig) -> list[tuple[str, nn.Mod
     if not found:
         raise TargetModulesNotFoundError(_not_found_message(model, config))
     if isinstance(config.target_modules, list):
-        unmatched = [
-            t for t in config.target_modules if not any(_matches(n, [t]) for n, _ in found)
+        names = [n for n, _ in model.named_modules() if n]
+        unmatched = [  # a target that matched only excluded modules was meant
+            t for t in config.target_modules if not any(_matches(n, [t]) for n in names)
         ]
         if unmatched:
             warnings.warn(
                 f"target_modules entries {unmatched} matched no module of "
-                f"{type(model).__name__} (the others did); check their spelling. "
+                f"{_model_name(model)} (the others did); check their spelling. "
                 f"{_close_names_hint(model, unmatched)}",
                 UserWarning,
                 stacklevel=3,
             )
     return found
+
+
+def _model_name(model: nn.Module) -> str:
+    inner = model.__dict__.get("_wrapped")
+    return type(inner if isinstance(model, _BaseView) else model).__name__
 
 
 def _close_names_hint(model: nn.Module, wanted: list[str]) -> str:
@@ -354,7 +360,7 @@ def find_modules_to_save(model: nn.Module, config: PacaConfig, targets: Iterable
             f"Did you mean: {', '.join(close)}?" if close else f"Names: {', '.join(leaves[:40])}."
         )
         raise ModulesToSaveError(
-            f"modules_to_save entries {unmatched} match no module of {type(model).__name__}. {hint}"
+            f"modules_to_save entries {unmatched} match no module of {_model_name(model)}. {hint}"
         )
     found = [n for n in matched if not any(n.startswith(m + ".") for m in matched)]
     targets = list(targets)
@@ -381,7 +387,7 @@ def _not_found_message(model: nn.Module, config: PacaConfig) -> str:
         if close:
             hint = f" Did you mean: {', '.join(close)}?"
     return (
-        f"target_modules={wanted!r} matched no adaptable module of {type(model).__name__}."
+        f"target_modules={wanted!r} matched no adaptable module of {_model_name(model)}."
         f"{hint} Adaptable layer names in this model: {', '.join(leaves[:40]) or 'none'}."
     )
 
