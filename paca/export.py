@@ -13,18 +13,25 @@ Modules the adapter trains in full (``modules_to_save``) are written as PEFT wri
 own ``modules_to_save``: ``base_model.model.<module>.<tensor>`` (PEFT adds the
 ``modules_to_save.<adapter>.`` part back on load), their paths listed in the config's
 ``modules_to_save``. The result loads with stock ``peft.PeftModel.from_pretrained``.
+
+The two files are written as one unit (:func:`paca.atomic.publish`, generations kept in
+the hidden ``.paca-lora/``), so an interrupted or failed export leaves the previous export
+or the new one. A folder holding a PaCA adapter (``paca_config.json``) is refused: the
+PEFT files would sit next to the PaCA ones, and a folder must hold one format.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from paca.io import _atomic_write
+from paca import atomic
+from paca.io import CONFIG_NAME, LEGACY_WEIGHTS_NAME, STORE, WEIGHTS_NAME, AdapterFormatError
 from paca.layer import PacaLayer, PacaLinear
 from paca.layers_conv import PacaConv1D, PacaConv2d
 
@@ -33,6 +40,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 LORA_CONFIG_NAME = "adapter_config.json"
 LORA_WEIGHTS_NAME = "adapter_model.safetensors"
+#: hidden sub-folder holding the export's generations (see :mod:`paca.atomic`).
+LORA_STORE = ".paca-lora"
 
 
 class ExportError(ValueError):
@@ -76,7 +85,8 @@ def export_lora(
     """Write adapter ``adapter_name`` (default: the active one) as a PEFT LoRA adapter.
 
     Produces ``adapter_config.json`` and ``adapter_model.safetensors`` in ``directory``
-    (created if needed) and returns the directory. Load it with
+    (created if needed; not a folder holding a PaCA adapter: :class:`paca.io.AdapterFormatError`)
+    and returns the directory. Load it with
     ``peft.PeftModel.from_pretrained(base_model, directory)``; its outputs equal the
     PaCA model's up to floating-point rounding (LoRA adds ``B(Ax)`` to ``Wx`` instead of
     computing with the merged weight). Raises :class:`ExportError` for layers LoRA
@@ -120,14 +130,30 @@ def export_lora(
     config = _lora_config(paca_model, sorted(ranks), r, pattern, fan_in_fan_out)
     config["modules_to_save"] = sorted(saved) or None
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(
-        directory / LORA_WEIGHTS_NAME,
-        lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
+    _refuse_paca_folder(directory)
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    atomic.publish(
+        directory,
+        {
+            LORA_WEIGHTS_NAME: lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
+            LORA_CONFIG_NAME: lambda p: p.write_text(text, encoding="utf-8"),
+        },
+        store=LORA_STORE,
     )
-    text = json.dumps(config, indent=2, sort_keys=True)
-    _atomic_write(directory / LORA_CONFIG_NAME, lambda p: p.write_text(text + "\n"))
     return directory
+
+
+def _refuse_paca_folder(directory: Path) -> None:
+    held = [n for n in (CONFIG_NAME, WEIGHTS_NAME, STORE) if os.path.lexists(directory / n)]
+    if held:
+        also = ""
+        if (directory / LEGACY_WEIGHTS_NAME).is_file():
+            also = f" (its weights are {LEGACY_WEIGHTS_NAME}, the file a LoRA export writes)"
+        raise AdapterFormatError(
+            f"{str(directory)!r} holds a PaCA adapter ({', '.join(held)}){also}; exporting a "
+            f"PEFT LoRA into the same folder would mix two formats. Export into another folder, "
+            f"e.g. {str(directory.with_name(directory.name + '-lora'))!r}"
+        )
 
 
 def _lora_config(

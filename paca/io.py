@@ -1,4 +1,4 @@
-"""Saving and loading PaCA adapters: ``adapter_model.safetensors`` + ``paca_config.json``.
+"""Saving and loading PaCA adapters: ``paca_adapter.safetensors`` + ``paca_config.json``.
 
 Only the adapter is written: per adapted module its ``delta`` and its ``idx`` (the
 trained columns), and per module in ``modules_to_save`` the adapter's trained copy
@@ -8,26 +8,38 @@ selection strategy, so it reproduces exactly the same columns even if a strategy
 changes or needed calibration data. The JSON records the
 :class:`~paca.config.PacaConfig` (strategy included) and, per module, its type and
 weight shape, so loading onto a different model is refused with a message saying what
-differs. Each file is written to a temporary name and renamed into place; both files
-carry the same fingerprint, so a pair from two different saves is detected on load.
+differs.
+
+The two files are saved as one unit (:func:`paca.atomic.publish`): a folder always holds
+one complete save, the previous or the new one, also when a save is killed, the disk
+fills up, a writer fails, or several processes save into the folder at once (the last
+commit wins). Both files carry the same fingerprint, and the weights file also a
+checksum of its tensors and a copy of the config, so a damaged file, a config edited by
+hand, or a pair of files from two saves (an interrupted copy) is reported naming the
+file at fault. Adapters saved under the older weights name ``adapter_model.safetensors``
+still load.
+
+The PaCA weights file has its own name so that a PaCA folder and a PEFT LoRA folder
+(``adapter_config.json`` + ``adapter_model.safetensors``, as :func:`paca.export_lora`
+writes) cannot be mistaken for each other: saving into a folder that holds a PEFT adapter
+is refused, and loading one with :func:`load` says what it is and how to load it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import nn
 
+from paca import atomic
 from paca.config import PacaConfig
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -36,8 +48,16 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger("paca")
 
-WEIGHTS_NAME = "adapter_model.safetensors"
+WEIGHTS_NAME = "paca_adapter.safetensors"
 CONFIG_NAME = "paca_config.json"
+#: the weights file's name in older paca versions, shared with PEFT: still read where
+#: ``WEIGHTS_NAME`` is absent, and replaced by ``WEIGHTS_NAME`` on the next save.
+LEGACY_WEIGHTS_NAME = "adapter_model.safetensors"
+#: hidden sub-folder holding the saved generations (see :mod:`paca.atomic`).
+STORE = ".paca"
+#: the files of a PEFT adapter (what :func:`paca.export_lora` writes).
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = 1
 
 
@@ -45,23 +65,20 @@ class AdapterMismatchError(ValueError):
     """A saved adapter does not fit the model it is loaded onto."""
 
 
+class AdapterFormatError(ValueError):
+    """A folder holds another adapter format than the one asked for (PaCA vs PEFT LoRA)."""
+
+
+class AdapterFileError(ValueError):
+    """A saved adapter file is unreadable, damaged, edited by hand, or from another save;
+    ``path`` is the file (or, for two files that do not belong together, the folder)."""
+
+    def __init__(self, message: str, path: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(message)
+        self.path = Path(path) if path is not None else None
+
+
 # ----------------------------------------------------------------------- writing
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` then rename ``tmp`` over ``path``: readers never see half a file."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-
-
 #: infix of the saved tensors of a module trained in full (``modules_to_save``).
 SAVED_MODULE_INFIX = "modules_to_save"
 
@@ -134,32 +151,34 @@ def _base_identity(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def _fingerprint(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> str:
-    h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+def _hashes(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> tuple[str, str]:
+    """``(fingerprint of meta + tensors, checksum of the tensors alone)`` in one pass."""
+    fingerprint = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    checksum = hashlib.sha256()
     for key in sorted(tensors):
         t = tensors[key]
-        h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+        head = f"{key}:{t.dtype}:{tuple(t.shape)}".encode()
+        data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        for h in (fingerprint, checksum):
+            h.update(head)
+            h.update(data)
+    return fingerprint.hexdigest(), checksum.hexdigest()
 
 
-def save_adapter(
-    model: PacaModel,
-    directory: str | Path,
-    adapter_name: str,
-    state_dict: dict[str, torch.Tensor] | None = None,
-) -> Path:
-    """Write adapter ``adapter_name`` of ``model`` into ``directory``; returns the directory."""
-    from safetensors.torch import save_file
+def _fingerprint(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> str:
+    return _hashes(tensors, meta)[0]
 
+
+def _adapter_files(
+    model: PacaModel, adapter_name: str, state_dict: dict[str, torch.Tensor] | None
+) -> dict[str, atomic.Writer]:
+    """``{file name: writer}`` of adapter ``adapter_name``: everything computed up front."""
     from paca import __version__
 
     if adapter_name not in model.paca_configs:
         raise KeyError(f"no adapter {adapter_name!r}; adapters: {sorted(model.paca_configs)}")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = adapter_tensors(model, adapter_name, state_dict)
-    meta = {
+    body = {
         "format_version": FORMAT_VERSION,
         "paca_version": __version__,
         "adapter_name": adapter_name,
@@ -168,16 +187,55 @@ def save_adapter(
         "modules": _module_records(model, adapter_name),
         "modules_to_save": _saved_module_records(model, adapter_name),
     }
-    fingerprint = _fingerprint(tensors, meta)
-    meta["fingerprint"] = fingerprint
-    text = json.dumps(meta, indent=2, sort_keys=True)
-    _atomic_write(
-        directory / WEIGHTS_NAME,
-        lambda p: save_file(
-            tensors, str(p), metadata={"format": "pt", "paca_fingerprint": fingerprint}
-        ),
-    )
-    _atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(text + "\n"))
+    fingerprint, checksum = _hashes(tensors, body)
+    text = json.dumps({**body, "fingerprint": fingerprint}, indent=2, sort_keys=True) + "\n"
+    metadata = {
+        "format": "pt",
+        "paca_fingerprint": fingerprint,
+        "paca_tensors_sha256": checksum,  # tells a damaged weights file from an edited config
+        "paca_meta": json.dumps(body, sort_keys=True),  # the config as saved, to name edits
+    }
+
+    def write_weights(path: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(path), metadata=metadata)
+
+    def write_config(path: Path) -> None:
+        path.write_text(text, encoding="utf-8")
+
+    return {WEIGHTS_NAME: write_weights, CONFIG_NAME: write_config}
+
+
+def _refuse_peft_folder(directory: Path) -> None:
+    if os.path.lexists(directory / PEFT_CONFIG_NAME):
+        raise AdapterFormatError(
+            f"{str(directory)!r} holds a PEFT LoRA adapter ({PEFT_CONFIG_NAME}); a PaCA adapter "
+            f"saved into the same folder could be mistaken for it. Save the PaCA adapter into "
+            f"another folder, or delete {PEFT_CONFIG_NAME} and {PEFT_WEIGHTS_NAME} there first "
+            f"if that LoRA is no longer needed"
+        )
+
+
+def _publish(directory: Path, files: dict[str, atomic.Writer]) -> None:
+    legacy = (directory / LEGACY_WEIGHTS_NAME).is_file() and os.path.lexists(
+        directory / CONFIG_NAME
+    )  # a PaCA adapter saved by an older paca (PEFT folders are refused before)
+    aliases = {WEIGHTS_NAME: LEGACY_WEIGHTS_NAME} if legacy else None
+    atomic.publish(directory, files, store=STORE, aliases=aliases)
+
+
+def save_adapter(
+    model: PacaModel,
+    directory: str | Path,
+    adapter_name: str,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write adapter ``adapter_name`` of ``model`` into ``directory`` as one unit (see the
+    module docstring); returns the directory."""
+    directory = Path(directory)
+    _refuse_peft_folder(directory)
+    _publish(directory, _adapter_files(model, adapter_name, state_dict))
     return directory
 
 
@@ -194,6 +252,8 @@ _IGNORED_KWARGS = {
     "path_initial_model_for_weight_conversion",
     "save_original_format",
 }
+#: names an adapter saved into a sub-folder may not have.
+_RESERVED = {WEIGHTS_NAME, CONFIG_NAME, LEGACY_WEIGHTS_NAME, PEFT_CONFIG_NAME}
 
 
 def save_pretrained(
@@ -202,7 +262,11 @@ def save_pretrained(
     adapter_name: str | None = None,
     **kwargs: Any,
 ) -> None:
-    """:meth:`PacaModel.save_pretrained`: one adapter, or all (active one at the top)."""
+    """:meth:`PacaModel.save_pretrained`: one adapter, or all (active one at the top).
+
+    Each adapter's folder is saved as a unit; with several adapters, each is its own unit.
+    Every folder is checked (and every file computed) before the first one is written.
+    """
     if not kwargs.pop("is_main_process", True):
         return
     if kwargs.pop("push_to_hub", False):
@@ -218,57 +282,288 @@ def save_pretrained(
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"save_directory {str(directory)!r} is a file, not a directory")
     if adapter_name is not None:
-        save_adapter(model, directory, adapter_name, state_dict)
-        return
-    names = list(selected) if selected else list(model.paca_configs)
-    top = model.active_adapter if model.active_adapter in names else names[0]
-    save_adapter(model, directory, top, state_dict)
-    for name in names:
-        if name != top:
-            if name in {WEIGHTS_NAME, CONFIG_NAME} or "/" in name or name.startswith("."):
-                raise ValueError(f"adapter name {name!r} cannot be used as a sub-directory")
-            save_adapter(model, directory / name, name, state_dict)
+        targets = [(directory, adapter_name)]
+    else:
+        names = list(selected) if selected else list(model.paca_configs)
+        top = model.active_adapter if model.active_adapter in names else names[0]
+        targets = [(directory, top)]
+        for name in names:
+            if name != top:
+                if name in _RESERVED or "/" in name or "\\" in name or name.startswith("."):
+                    raise ValueError(f"adapter name {name!r} cannot be used as a sub-directory")
+                targets.append((directory / name, name))
+    for folder, _ in targets:
+        _refuse_peft_folder(folder)
+    files = [(folder, _adapter_files(model, name, state_dict)) for folder, name in targets]
+    for folder, writers in files:
+        _publish(folder, writers)
 
 
 # ----------------------------------------------------------------------- reading
+class _Saved(NamedTuple):
+    meta: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    config_path: Path  # as the user knows them (inside the folder), for messages
+    weights_path: Path
+
+
 def read_adapter(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The metadata and tensors saved in ``directory``, checked to belong together."""
+    saved = _read(directory)
+    return saved.meta, saved.tensors
+
+
+def _read(directory: str | Path) -> _Saved:
+    directory = Path(directory)
+    if not directory.exists():
+        raise FileNotFoundError(f"no PaCA adapter at {str(directory)!r}: no such folder")
+    if not directory.is_dir():
+        hint = ""
+        if directory.name in {CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME}:
+            hint = f"; pass the folder that holds it ({str(directory.parent)!r})"
+        raise FileNotFoundError(f"{str(directory)!r} is a file, not an adapter folder{hint}")
+    return atomic.read_unit(
+        directory,
+        (CONFIG_NAME, WEIGHTS_NAME),
+        functools.partial(_read_files, directory),
+        store=STORE,
+        aliases={WEIGHTS_NAME: LEGACY_WEIGHTS_NAME},
+    )
+
+
+def _read_files(directory: Path, found: dict[str, atomic.Found | None]) -> _Saved:
+    cfg, weights = found[CONFIG_NAME], found[WEIGHTS_NAME]
+    if cfg is None or weights is None:
+        _explain_missing(directory, missing=[n for n, f in found.items() if f is None])
+    assert cfg is not None and weights is not None
+    meta = _read_config(cfg.shown, cfg.real)
+    metadata, tensors = _read_weights(weights.shown, weights.real)
+    if "paca_fingerprint" not in metadata:
+        if weights.shown.name == LEGACY_WEIGHTS_NAME and (directory / PEFT_CONFIG_NAME).is_file():
+            raise AdapterFormatError(
+                f"{weights.shown} holds a PEFT LoRA adapter (with {PEFT_CONFIG_NAME}), not the "
+                f"PaCA weights {CONFIG_NAME} belongs to: an export_lora into this folder by an "
+                f"older paca overwrote them, and that PaCA adapter cannot be recovered. Load the "
+                f"LoRA with peft.PeftModel.from_pretrained(base_model, {str(directory)!r})"
+            )
+        raise AdapterFileError(
+            f"{weights.shown} is not a PaCA weights file (it lacks the paca_fingerprint "
+            f"save_pretrained records); save the adapter again with save_pretrained",
+            weights.shown,
+        )
+    _check_fingerprints(meta, metadata, tensors, cfg.shown, weights.shown)
+    _check_structure(meta, cfg.shown)
+    return _Saved(meta, tensors, cfg.shown, weights.shown)
+
+
+def _explain_missing(directory: Path, missing: list[str]) -> None:
+    if CONFIG_NAME in missing and (directory / PEFT_CONFIG_NAME).is_file():
+        raise AdapterFormatError(
+            f"{str(directory)!r} holds a PEFT LoRA adapter ({PEFT_CONFIG_NAME} + "
+            f"{PEFT_WEIGHTS_NAME}, as paca.export_lora writes), not a PaCA adapter: load it "
+            f"with peft.PeftModel.from_pretrained(base_model, {str(directory)!r})"
+        )
+    present = sorted(p.name for p in directory.iterdir() if not p.name.startswith("."))
+    holds = f"it holds {', '.join(present[:8])}" + (" ..." if len(present) > 8 else "")
+    if not present:
+        holds = "it is empty"
+    hint = ""
+    if "config.json" in present and {"model.safetensors", "pytorch_model.bin"} & set(present):
+        hint = " (a full model: load it with transformers' from_pretrained)"
+    raise FileNotFoundError(
+        f"no PaCA adapter in {str(directory)!r}: missing {', '.join(missing)} ({holds}){hint}; "
+        f"a PaCA adapter is the folder model.save_pretrained writes"
+    )
+
+
+def _redo(name: str) -> str:
+    return f"restore {name} from a copy of this adapter, or save the adapter again"
+
+
+def _read_config(shown: Path, real: Path) -> dict[str, Any]:
+    try:
+        raw = real.read_bytes()
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise AdapterFileError(f"{shown} cannot be read: {e.strerror or e}", shown) from e
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise AdapterFileError(
+            f"{shown} is not a UTF-8 text file, so not the JSON config save_pretrained writes: "
+            f"it is damaged; {_redo(shown.name)}",
+            shown,
+        ) from e
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as e:
+        what = "it is empty" if not text.strip() else f"{e.msg} at line {e.lineno} column {e.colno}"
+        if text.strip() and not text.rstrip().endswith("}"):
+            what += "; the file looks cut off"
+        raise AdapterFileError(
+            f"{shown} is not valid JSON ({what}): the adapter config is damaged; "
+            f"{_redo(shown.name)}",
+            shown,
+        ) from e
+    if not isinstance(meta, dict):
+        raise AdapterFileError(
+            f"{shown} holds a JSON {type(meta).__name__}, not a PaCA adapter config (an "
+            f"object with format_version, config, modules and fingerprint); {_redo(shown.name)}",
+            shown,
+        )
+    version = meta.get("format_version")
+    if type(version) is int and version > FORMAT_VERSION:
+        raise AdapterFileError(
+            f"{shown} has adapter format version {version!r}; this paca reads version "
+            f"{FORMAT_VERSION}. Upgrade paca to load it.",
+            shown,
+        )
+    if type(version) is not int or version != FORMAT_VERSION:
+        raise AdapterFileError(
+            f"{shown} has format_version {version!r}, which no paca writes (this one writes "
+            f"{FORMAT_VERSION}): the file was edited or is not a PaCA adapter config; "
+            f"{_redo(shown.name)}",
+            shown,
+        )
+    return meta
+
+
+def _read_weights(shown: Path, real: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     from safetensors import safe_open
 
-    directory = Path(directory)
-    cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    missing = [p.name for p in (cfg_path, w_path) if not p.is_file()]
-    if missing:
-        hint = ""
-        if (directory / "adapter_config.json").is_file():
-            hint = " (this looks like a PEFT adapter; load it with peft.PeftModel)"
-        raise FileNotFoundError(
-            f"no PaCA adapter in {str(directory)!r}: missing {', '.join(missing)}{hint}"
+    try:
+        with safe_open(str(real), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # SafetensorError: truncated, empty, or not safetensors at all
+        raise AdapterFileError(
+            f"{shown} is not a readable safetensors file ({e}): it is truncated or damaged; "
+            f"{_redo(shown.name)}",
+            shown,
+        ) from e
+    return metadata, tensors
+
+
+def _differences(now: Any, saved: Any, where: str = "") -> list[str]:
+    """Human-readable differences between two JSON values (``where``: dotted key path)."""
+    if isinstance(now, dict) and isinstance(saved, dict):
+        out = []
+        for key in sorted(set(now) | set(saved), key=str):
+            at = f"{where}.{key}" if where else str(key)
+            if key not in now:
+                out.append(f"{at!r} was removed")
+            elif key not in saved:
+                out.append(f"{at!r} was added")
+            else:
+                out.extend(_differences(now[key], saved[key], at))
+        return out
+    if now != saved:
+
+        def short(v: Any) -> str:
+            s = json.dumps(v, sort_keys=True)
+            return s if len(s) <= 40 else s[:37] + "..."
+
+        return [f"{where!r} is {short(now)}, was {short(saved)}"]
+    return []
+
+
+def _diff_note(meta: dict[str, Any], metadata: dict[str, str]) -> str:
+    try:
+        saved = json.loads(metadata["paca_meta"])
+    except (KeyError, ValueError):
+        return ""
+    body = {k: v for k, v in meta.items() if k != "fingerprint"}
+    diff = _differences(body, saved)
+    if not diff:
+        return ""
+    more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
+    return f" ({'; '.join(diff[:3])}{more}, compared with the config saved with the weights)"
+
+
+def _check_fingerprints(
+    meta: dict[str, Any],
+    metadata: dict[str, str],
+    tensors: dict[str, torch.Tensor],
+    config_path: Path,
+    weights_path: Path,
+) -> None:
+    """Blame the right file when the config and the weights do not belong together."""
+    in_config, in_weights = meta.get("fingerprint"), metadata["paca_fingerprint"]
+    body = {k: v for k, v in meta.items() if k != "fingerprint"}
+    fingerprint, checksum = _hashes(tensors, body)
+    if in_config == in_weights == fingerprint:
+        return
+    recorded = metadata.get("paca_tensors_sha256")
+    if recorded is not None and checksum != recorded:
+        raise AdapterFileError(
+            f"{weights_path} is damaged or was modified after saving: its tensors do not match "
+            f"the checksum recorded in it; {_redo(weights_path.name)}",
+            weights_path,
         )
-    meta = json.loads(cfg_path.read_text())
-    version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ValueError(
-            f"{cfg_path} has adapter format version {version!r}; this paca reads version "
-            f"{FORMAT_VERSION}. Upgrade paca to load it."
+    if in_config != in_weights:
+        raise AdapterFileError(
+            f"{config_path} and {weights_path.name} come from different saves (an interrupted "
+            f"or mixed copy, or an edited fingerprint?){_diff_note(meta, metadata)}; copy both "
+            f"files from one save, or save the adapter again",
+            config_path.parent,
         )
-    tensors: dict[str, torch.Tensor] = {}
-    with safe_open(str(w_path), framework="pt") as f:
-        file_print = (f.metadata() or {}).get("paca_fingerprint")
-        for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
-            tensors[key] = f.get_tensor(key)
-    if file_print != meta.get("fingerprint"):
-        raise ValueError(
-            f"{CONFIG_NAME} and {WEIGHTS_NAME} in {str(directory)!r} come from different saves "
-            f"(an interrupted or mixed copy?); save the adapter again"
+    if recorded is not None:  # the tensors are as saved: the config was changed
+        raise AdapterFileError(
+            f"{config_path} was edited after saving{_diff_note(meta, metadata)}: it no longer "
+            f"matches the fingerprint recorded with {weights_path.name}. The config must "
+            f"describe the saved tensors exactly, so it cannot be edited by hand; "
+            f"{_redo(config_path.name)}",
+            config_path,
         )
-    expected = {k: v for k, v in meta.items() if k != "fingerprint"}
-    if _fingerprint(tensors, expected) != file_print:
-        raise ValueError(
-            f"{WEIGHTS_NAME} in {str(directory)!r} does not match its fingerprint (the file was "
-            f"modified or corrupted); save the adapter again"
+    raise AdapterFileError(  # an older save, without the checksum that tells which file
+        f"{config_path} or {weights_path.name} was modified after saving (their contents no "
+        f"longer match their fingerprint); restore both from a copy of this adapter, or save "
+        f"the adapter again",
+        config_path.parent,
+    )
+
+
+def _check_structure(meta: dict[str, Any], config_path: Path) -> None:
+    """The fields loading uses have the types save_pretrained writes."""
+    problems = []
+    if not isinstance(meta.get("config"), dict):
+        problems.append('"config" is not an object')
+    modules = meta.get("modules")
+    if not isinstance(modules, dict) or not all(
+        isinstance(rec, dict)
+        and isinstance(rec.get("type"), str)
+        and isinstance(rec.get("weight_shape"), list)
+        for rec in modules.values()
+    ):
+        problems.append('"modules" is not an object of {"type", "weight_shape", "r"} records')
+    to_save = meta.get("modules_to_save", {})
+    if not isinstance(to_save, dict) or not all(
+        isinstance(rec, dict)
+        and isinstance(rec.get("type"), str)
+        and isinstance(rec.get("tensors"), dict)
+        for rec in to_save.values()
+    ):
+        problems.append('"modules_to_save" is not an object of {"type", "tensors"} records')
+    if problems:
+        raise AdapterFileError(
+            f"{config_path} is not a valid PaCA adapter config: {'; '.join(problems)}; "
+            f"{_redo(config_path.name)}",
+            config_path,
         )
-    return meta, tensors
+
+
+def _config_of(saved: _Saved) -> PacaConfig:
+    try:
+        return PacaConfig.from_dict(saved.meta["config"])
+    except (TypeError, ValueError, KeyError) as e:
+        raise AdapterFileError(
+            f"{saved.config_path} holds a PacaConfig this paca cannot use ({e}); save the "
+            f"adapter again with this paca version",
+            saved.config_path,
+        ) from e
 
 
 def _check_model(view: nn.Module, meta: dict[str, Any], config: PacaConfig) -> None:
@@ -340,12 +635,18 @@ def _check_model(view: nn.Module, meta: dict[str, Any], config: PacaConfig) -> N
         )
     if problems:
         raise AdapterMismatchError(
-            f"the saved adapter (base model {meta['base_model']['class']}) does not fit this "
+            f"the saved adapter (base model {_base_class(meta)}) does not fit this "
             f"model: " + "; ".join(problems[:10])
         )
 
 
-def _check_keys(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+def _base_class(meta: dict[str, Any]) -> Any:
+    base = meta.get("base_model")
+    return base.get("class") if isinstance(base, dict) else None
+
+
+def _check_keys(saved: _Saved) -> None:
+    meta, tensors = saved.meta, saved.tensors
     expected = {f"{p}.{s}" for p in meta["modules"] for s in ("delta", "idx")}
     for path, rec in meta.get("modules_to_save", {}).items():
         expected |= {f"{path}.{SAVED_MODULE_INFIX}.{k}" for k in rec["tensors"]}
@@ -353,7 +654,8 @@ def _check_keys(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
     if missing or unexpected:
         raise AdapterMismatchError(
             f"saved adapter tensors do not match its config: missing keys {missing[:10]}, "
-            f"unexpected keys {unexpected[:10]}"
+            f"unexpected keys {unexpected[:10]} ({saved.weights_path.name} against "
+            f"{saved.config_path})"
         )
 
 
@@ -401,10 +703,11 @@ def load_adapter(
     model: PacaModel, directory: str | Path, adapter_name: str, is_trainable: bool = False
 ) -> None:
     """Add the adapter saved in ``directory`` to ``model`` as ``adapter_name``."""
-    meta, tensors = read_adapter(directory)
-    config = PacaConfig.from_dict(meta["config"])
+    found = _read(directory)
+    meta, tensors = found.meta, found.tensors
+    config = _config_of(found)
     saved = meta["modules"]
-    _check_keys(meta, tensors)
+    _check_keys(found)
     if adapter_name in model.paca_configs:
         raise ValueError(
             f"adapter {adapter_name!r} already exists; delete_adapter({adapter_name!r}) first "
@@ -421,9 +724,10 @@ def load_adapter(
 def load_adapter_weights(model: PacaModel, directory: str | Path, adapter_name: str) -> None:
     """Overwrite the deltas of existing adapter ``adapter_name`` (e.g. to resume training);
     the saved adapter must cover the same modules and columns."""
-    meta, tensors = read_adapter(directory)
+    found = _read(directory)
+    meta, tensors = found.meta, found.tensors
     saved = meta["modules"]
-    _check_keys(meta, tensors)
+    _check_keys(found)
     have = {p for p, layer in model.paca_layers() if adapter_name in layer.paca_delta}
     if have != set(saved):
         raise AdapterMismatchError(
@@ -471,10 +775,11 @@ def load(
     if isinstance(model, PacaModel):
         model.load_adapter(directory, adapter_name, is_trainable=is_trainable)
         return model
-    meta, tensors = read_adapter(directory)
-    config = PacaConfig.from_dict(meta["config"])
+    found = _read(directory)
+    meta, tensors = found.meta, found.tensors
+    config = _config_of(found)
     saved = meta["modules"]
-    _check_keys(meta, tensors)
+    _check_keys(found)
     _check_model(_BaseView(model), meta, config)
     exact = dataclasses.replace(config, indices=_indices(saved, tensors))
     paca_model = wrap(model, exact, adapter_name=adapter_name, backend=backend)

@@ -1,4 +1,7 @@
-"""save_pretrained / paca.load: adapter-only, atomic, exact, and strict about mismatches."""
+"""save_pretrained / paca.load: adapter-only, exact, and strict about mismatches.
+
+The save-as-a-unit guarantees (kills, failures, concurrency, permissions, formats) are in
+tests/test_io_atomic.py."""
 
 from __future__ import annotations
 
@@ -41,6 +44,11 @@ def _trained(cfg: paca.PacaConfig = CFG, **kw) -> paca.PacaModel:
     return model
 
 
+def visible(folder) -> list[str]:
+    """The names in ``folder`` a user sees (``ls``): not the hidden generation store."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+
+
 def _x() -> torch.Tensor:
     return torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(1))
 
@@ -48,7 +56,8 @@ def _x() -> torch.Tensor:
 def test_round_trip_is_bit_exact_and_adapter_only(tmp_path):
     model = _trained()
     model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [pio.WEIGHTS_NAME, pio.CONFIG_NAME]
+    assert visible(tmp_path) == [pio.WEIGHTS_NAME, pio.CONFIG_NAME]
+    assert pio.WEIGHTS_NAME == "paca_adapter.safetensors"  # not PEFT's adapter_model.safetensors
     keys = set(load_file(tmp_path / pio.WEIGHTS_NAME))
     assert keys == {f"{m}.{k}" for m in ("stem", "proj", "head") for k in ("delta", "idx")}
     meta = json.loads((tmp_path / pio.CONFIG_NAME).read_text())
@@ -168,7 +177,8 @@ def test_save_is_atomic_and_failure_keeps_the_old_files(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(tmp_path)
     assert (tmp_path / pio.WEIGHTS_NAME).read_bytes() == old
-    assert sorted(p.name for p in tmp_path.iterdir()) == [pio.WEIGHTS_NAME, pio.CONFIG_NAME]
+    assert visible(tmp_path) == [pio.WEIGHTS_NAME, pio.CONFIG_NAME]
+    assert not [p for p in (tmp_path / pio.STORE).iterdir() if p.name.startswith("tmp-")]
     monkeypatch.undo()
     model.save_pretrained(tmp_path)  # overwrites in place
     assert torch.equal(paca.load(Mixed(), tmp_path)(_x()), model(_x()))

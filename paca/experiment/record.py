@@ -9,20 +9,20 @@ Layout of ``RUN_DIR``::
     adapter/          what was learned (PaCA/LoRA adapter; model/ for full fine-tuning)
     checkpoints/      Trainer checkpoints, for resuming
 
-Every file is written atomically (temp file + rename), so a killed run never leaves a
-half-written summary.
+Every file is written atomically (:mod:`paca.atomic`: temp file, fsync, rename), so a
+killed run never leaves a half-written summary.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import platform
 import sys
 from pathlib import Path
 from typing import Any
 
+from paca import atomic
 from paca.environment import cpu_model, git_commit, library_versions
 
 EXPERIMENT_FILE = "experiment.toml"
@@ -38,9 +38,8 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """Write ``text`` atomically (:func:`paca.atomic.write_text`)."""
+    atomic.write_text(path, text)
 
 
 def read_json(path: Path) -> Any:
