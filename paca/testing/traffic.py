@@ -12,8 +12,9 @@ Used by the conformance suite, the tests and ``paca bench``.
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -23,6 +24,13 @@ from torch.utils._pytree import tree_flatten
 
 #: Argument names of the values an indexed in-place op writes into its destination.
 _SOURCES = ("source", "values", "src")
+
+
+def _storage(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensor subclasses without storage
+        return id(t)
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -36,6 +44,23 @@ class WriteCounter(TorchDispatchMode):
         super().__init__()
         self.bytes = 0
         self.by_op: Counter[str] = Counter()
+        self._paused = 0
+
+    def add(self, nbytes: int, op: str) -> None:
+        """Count ``nbytes`` written by ``op`` that the dispatcher does not see (a kernel)."""
+        self.bytes += nbytes
+        self.by_op[op] += nbytes
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Count nothing inside (e.g. the Triton interpreter's host copies of a kernel's
+        arguments, which a real GPU launch does not make); :meth:`add` what the kernel
+        logically writes instead."""
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
 
     def __torch_dispatch__(
         self,
@@ -46,6 +71,8 @@ class WriteCounter(TorchDispatchMode):
     ) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if self._paused:
+            return out
         written = 0
         schema = func._schema
         named = {
@@ -62,12 +89,14 @@ class WriteCounter(TorchDispatchMode):
                     continue
                 # Indexed writes (index_copy_, index_put_, scatter_...) write only the
                 # source's elements into the destination, not the whole destination.
-                written += (
-                    source.numel() * t.element_size() if source is not None else _nbytes(t)
-                )
+                written += source.numel() * t.element_size() if source is not None else _nbytes(t)
         returns = out if isinstance(out, tuple | list) else (out,)
+        inputs = {
+            _storage(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
+        }
         for ret, t in zip(schema.returns, returns, strict=False):
-            if ret.alias_info is None and isinstance(t, torch.Tensor):
+            # ``_unsafe_view`` and friends declare no alias but return the input's storage
+            if ret.alias_info is None and isinstance(t, torch.Tensor) and _storage(t) not in inputs:
                 written += _nbytes(t)
         if written:
             self.bytes += written
