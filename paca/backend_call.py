@@ -107,6 +107,8 @@ def check_owns_storage(
     backend: Backend, member: str, what: str, got: torch.Tensor, source: torch.Tensor
 ) -> None:
     """The saved activation must not be a view of the input (it would keep all of it)."""
+    if torch.compiler.is_compiling():  # fake tensors while tracing (conv2d): nothing to compare
+        return
     if got.numel() and source.numel():
         same = got.untyped_storage().data_ptr() == source.untyped_storage().data_ptr()
         if same:
