@@ -442,6 +442,16 @@ class PacaModel(nn.Module):
                 "PacaModel.add_adapter(name, config) instead of wrapping it again"
             )
         check_adapter_name(adapter_name)
+        lazy = [
+            n
+            for n, p in model.named_parameters()
+            if isinstance(p, nn.parameter.UninitializedParameter)
+        ]
+        if lazy:
+            raise ValueError(
+                f"{type(model).__name__} has uninitialized (lazy) parameters {lazy[:5]}: run "
+                f"one forward pass with a sample batch before wrapping it with PaCA"
+            )
         self.model = model
         self.paca_configs: dict[str, PacaConfig] = {}
         self.active_adapter = adapter_name
