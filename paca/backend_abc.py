@@ -250,6 +250,76 @@ class Backend(ABC):
             )
         return grad_x, grad_delta
 
+    # ------------------------------------------------- 4-bit frozen bases ("nf4")
+    def quantized_linear_forward(
+        self,
+        x: torch.Tensor,
+        qweight: torch.Tensor,
+        quant_state: Any,
+        bias: torch.Tensor | None,
+        delta: torch.Tensor,
+        idx: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(y, x_sel)`` for a 4-bit NF4 base (capability ``"nf4"``; see :mod:`paca.ops_quant`).
+
+        ``qweight`` is the packed bitsandbytes ``Params4bit`` and ``quant_state`` its
+        ``QuantState``; ``y = x·dequant(W)ᵀ + x_sel·deltaᵀ + bias`` in ``x.dtype`` and
+        ``x_sel = x[..., idx]`` (owning its storage). The packed weight must not be
+        written, and no dequantized copy may outlive the call. The default uses
+        bitsandbytes' 4-bit GEMM (which dequantizes internally on CPU, a transient).
+        """
+        from paca.ops_quant import nf4_linear
+
+        x_sel = self.gather(x, idx, dim=-1)
+        y = nf4_linear(x, qweight, quant_state, bias)
+        y = y if y.is_contiguous() else y.contiguous()
+        y.view(-1, y.shape[-1]).addmm_(x_sel.reshape(-1, x_sel.shape[-1]), delta.to(y.dtype).t())
+        return y, x_sel
+
+    def quantized_linear_backward(
+        self,
+        grad_out: torch.Tensor,
+        x_sel: torch.Tensor,
+        qweight: torch.Tensor,
+        quant_state: Any,
+        delta: torch.Tensor,
+        idx: torch.Tensor,
+        need_input_grad: bool,
+        need_delta_grad: bool,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(dX, d(delta))`` of :meth:`quantized_linear_forward`: ``dX = dY·dequant(W)``
+        plus ``dY·delta`` added into columns ``idx``, in ``grad_out.dtype``; ``d(delta) =
+        dYᵀ·x_sel`` accumulated in fp32, in ``delta.dtype``. None where not asked for. The
+        default dequantizes W for the one GEMM that needs it (a transient of ``out×in``
+        elements in ``grad_out.dtype``, freed on return).
+        """
+        from paca.ops_quant import nf4_input_grad
+
+        grad_x = grad_delta = None
+        flat_g = grad_out.reshape(-1, grad_out.shape[-1])
+        if need_input_grad:
+            grad_x = nf4_input_grad(grad_out, qweight, quant_state)
+            grad_x = grad_x if grad_x.is_contiguous() else grad_x.contiguous()
+            correction = flat_g.matmul(delta.to(flat_g.dtype))
+            grad_x.view(-1, grad_x.shape[-1]).index_add_(1, idx, correction)
+        if need_delta_grad:
+            grad_delta = self.delta_grad(flat_g, x_sel.reshape(-1, x_sel.shape[-1]), delta.dtype)
+        return grad_x, grad_delta
+
+    def capability_problem(self, name: str) -> str | None:
+        """Why declared capability ``name`` cannot be used on this machine, else None.
+
+        Checked lazily, when the core first needs the capability (a 4-bit layer is
+        wrapped), so declaring a capability costs nothing at import. The default probes
+        bitsandbytes' kernels on :attr:`device_type` for ``"nf4"`` (once per process) and
+        accepts everything else.
+        """
+        if name == "nf4" and name in self.capabilities:
+            from paca.ops_quant import nf4_kernel_problem
+
+            return nf4_kernel_problem(self.device_type)
+        return None
+
     def _swap_cheaper(self, delta_elems: int, decompose_elems: int) -> bool:
         """Whether swapping the columns writes fewer elements than the decomposition.
 

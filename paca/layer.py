@@ -383,6 +383,7 @@ def unsupported_reason(module: nn.Module) -> str:
             f"it is a quantized layer (its weight is {what}, not a dense float tensor) and "
             f"no registered PaCA layer type accepts this quantized module; load the model "
             f"unquantized (or dequantize it), or exclude this module"
+            f"{_layers_quant.quantized_hint(module)}"
         )
     if isinstance(module, nn.Linear):
         return (
@@ -399,3 +400,4 @@ def unsupported_reason(module: nn.Module) -> str:
 
 # Conv1D / Conv2d layers register themselves on import (after the base classes exist).
 from paca import layers_conv as _layers_conv  # noqa: E402,F401
+from paca import layers_quant as _layers_quant  # noqa: E402  (bitsandbytes 4-bit, lazily)

@@ -21,8 +21,10 @@ class CPUBackend(Backend):
     name: ClassVar[str] = "cpu"
     device_type: ClassVar[str] = "cpu"
     priority: ClassVar[int | None] = 0
+    # "nf4": 4-bit bases via bitsandbytes' CPU kernels, probed when first needed
+    # (Backend.capability_problem); the fused 4-bit ops are the Backend defaults.
     capabilities: ClassVar[frozenset[str]] = frozenset(
-        {"float32", "bfloat16", "float16", "compile"}
+        {"float32", "bfloat16", "float16", "compile", "nf4"}
     )
 
     @classmethod

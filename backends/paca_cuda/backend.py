@@ -45,8 +45,10 @@ class CUDABackend(CPUBackend):
     name: ClassVar[str] = "cuda"
     device_type: ClassVar[str] = "cuda"
     priority: ClassVar[int | None] = 200
+    # "nf4": bitsandbytes' CUDA 4-bit kernels through the Backend defaults (not yet run
+    # on a GPU by the paca test suite; probed when first needed).
     capabilities: ClassVar[frozenset[str]] = frozenset(
-        {"float32", "bfloat16", "float16", "compile", "graphs"}
+        {"float32", "bfloat16", "float16", "compile", "graphs", "nf4"}
     )
 
     def __init__(self, kernels: str | None = None) -> None:
