@@ -111,13 +111,8 @@ def _extent(t: torch.Tensor) -> tuple[Any, ...] | None:
     return (str(t.device), ptr, start, start + span * size)
 
 
-def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a is b:
-        return True
-    ea, eb = _extent(a), _extent(b)
-    if ea is None or eb is None:
-        return False
-    return ea[:2] == eb[:2] and ea[2] < eb[3] and eb[2] < ea[3]
+def _overlap(a: tuple[Any, ...] | None, b: tuple[Any, ...] | None) -> bool:
+    return a is not None and b is not None and a[2] < b[3] and b[2] < a[3]
 
 
 def _transformers_ties(model: nn.Module) -> dict[str, str]:
@@ -148,7 +143,10 @@ def tied_weight_problems(model: nn.Module, targets: Iterable[tuple[str, nn.Modul
     """Why each of ``targets`` (``(name, module)``; PaCA layers count as their base layer)
     shares its weight with something else: another module's tensor in the same memory, the
     same module object under another parent, or a transformers weight tie."""
-    holders: list[tuple[str, nn.Module, str, torch.Tensor]] = []
+    # every tensor slot (module, attribute) of the model, indexed by memory and identity
+    Holder = tuple[str, nn.Module, str, Any]  # (name, module, attribute, memory extent)
+    by_memory: dict[tuple[Any, ...], list[Holder]] = {}
+    by_identity: dict[int, list[Holder]] = {}
     parents: dict[int, set[tuple[int, str]]] = {}
     names: dict[int, list[str]] = {}
     for mod_name, module in model.named_modules(remove_duplicate=False):
@@ -158,7 +156,11 @@ def tied_weight_problems(model: nn.Module, targets: Iterable[tuple[str, nn.Modul
                 parents.setdefault(id(child), set()).add((id(module), attr))
         for attr, t in itertools.chain(module._parameters.items(), module._buffers.items()):
             if isinstance(t, torch.Tensor):
-                holders.append((f"{mod_name}.{attr}" if mod_name else attr, module, attr, t))
+                ext = _extent(t)
+                holder = (f"{mod_name}.{attr}" if mod_name else attr, module, attr, ext)
+                by_identity.setdefault(id(t), []).append(holder)
+                if ext is not None:
+                    by_memory.setdefault(ext[:2], []).append(holder)
     ties = _transformers_ties(model)
     problems: list[str] = []
     for name, module in targets:
@@ -182,11 +184,15 @@ def tied_weight_problems(model: nn.Module, targets: Iterable[tuple[str, nn.Modul
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor):
             continue
+        ext = _extent(weight)
+        candidates = list(by_identity.get(id(weight), []))
+        if ext is not None:
+            candidates += [h for h in by_memory.get(ext[:2], []) if _overlap(ext, h[3])]
         shared = sorted(
             {
                 _display(h_name)
-                for h_name, h_mod, h_attr, t in holders
-                if not (h_mod is module and h_attr == "weight") and _same_memory(weight, t)
+                for h_name, h_mod, h_attr, _ in candidates
+                if not (h_mod is module and h_attr == "weight")
             }
         )
         if shared:
@@ -768,6 +774,11 @@ class PacaModel(nn.Module):
             raise ValueError(
                 f"adapter {name!r} is the only one; use unload() to get the base model back, "
                 f"or add another adapter first"
+            )
+        merged = [n for n, layer in self.paca_layers() if name in layer.merged_adapters]
+        if merged:
+            raise ValueError(
+                f"adapter {name!r} is merged into {merged[:5]}; unmerge() before deleting it"
             )
         for _, layer in self.paca_layers():
             if name in layer.paca_delta:
