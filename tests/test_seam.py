@@ -414,3 +414,24 @@ def test_a_saved_activation_that_is_a_view_of_the_input_is_refused():
     model = _model(backend=ViewGather())
     with pytest.raises(BackendContractError, match="sharing storage with the input"):
         model(torch.randn(3, 24))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_deltas_get_fp32_accumulated_gradients_rounded_once(dtype):
+    """With deltas in the model's half dtype the gradient is the fp32 sum rounded once:
+    over 70k rows a half-precision accumulation would be off by far more than one ulp."""
+    torch.manual_seed(0)
+    model = paca.wrap(
+        nn.Sequential(nn.Linear(16, 8, bias=False).to(dtype)),
+        paca.PacaConfig(r=4, target_modules=["0"], delta_dtype=None),
+        backend=CPUBackend(),
+    )
+    layer = model.model[0]
+    x = torch.randn(70_000, 16, dtype=dtype)
+    g = torch.randn(70_000, 8, dtype=dtype)
+    model(x).backward(g)
+    grad = layer.paca_delta["default"].grad
+    assert grad.dtype == dtype
+    ref = g.double().t() @ x.double()[:, layer.paca_idx["default"]]
+    ulp = torch.finfo(dtype).eps * ref.abs().clamp_min(1)
+    assert ((grad.double() - ref).abs() <= ulp).all()
