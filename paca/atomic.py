@@ -408,10 +408,19 @@ def _point(store_dir: Path, gen_name: str) -> None:
     current = store_dir / CURRENT
     if os.path.lexists(current) and not current.is_symlink():
         os.rename(current, store_dir / f"stale-{_token()}")  # e.g. a copy that followed links
-    link = store_dir / f"{CURRENT}.{_token()}.lnk"
-    os.symlink(gen_name, link)
-    os.replace(link, current)
+    _swap_link(store_dir / f"{CURRENT}.{_token()}.lnk", gen_name, current)
     fsync_dir(store_dir)
+
+
+def _swap_link(link: Path, target: str, dest: Path) -> None:
+    """Make ``dest`` a symlink to ``target`` in one rename (via ``link``)."""
+    os.symlink(target, link)
+    try:
+        os.replace(link, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            link.unlink()
+        raise
 
 
 def _link_names(directory: Path, store: str, names: Sequence[str]) -> None:
@@ -419,8 +428,7 @@ def _link_names(directory: Path, store: str, names: Sequence[str]) -> None:
         if _is_our_link(directory, store, name):
             continue
         link = directory / f".{name}.{_token()}.lnk"
-        os.symlink(_link_target(store, name), link)
-        os.replace(link, directory / name)
+        _swap_link(link, _link_target(store, name), directory / name)
 
 
 def _drop_aliases(directory: Path, aliases: Mapping[str, str]) -> None:

@@ -493,11 +493,10 @@ def _check_fingerprints(
     """Blame the right file when the config and the weights do not belong together."""
     in_config, in_weights = meta.get("fingerprint"), metadata["paca_fingerprint"]
     body = {k: v for k, v in meta.items() if k != "fingerprint"}
-    fingerprint, checksum = _hashes(tensors, body)
-    if in_config == in_weights == fingerprint:
+    if in_config == in_weights == _fingerprint(tensors, body):
         return
     recorded = metadata.get("paca_tensors_sha256")
-    if recorded is not None and checksum != recorded:
+    if recorded is not None and _hashes(tensors, body)[1] != recorded:
         raise AdapterFileError(
             f"{weights_path} is damaged or was modified after saving: its tensors do not match "
             f"the checksum recorded in it; {_redo(weights_path.name)}",
