@@ -112,3 +112,32 @@ def test_modules_to_save_new_head_exports_as_peft_modules_to_save(tmp_path):
             y_base = model(pixel_values=pixels).logits
     assert y_paca.shape == (2, 5) and (y_paca - y_base).abs().max() > 1e-2
     torch.testing.assert_close(y_lora, y_paca, rtol=1e-5, atol=1e-5)
+
+
+def test_re_export_replaces_the_previous_one_and_peft_never_reads_a_paca_folder(tmp_path):
+    """Exporting again into an export folder replaces it as a unit; stock PEFT refuses a
+    PaCA folder outright instead of running the unadapted base model; paca refuses to
+    mix the two formats in one folder."""
+    ids = torch.randint(3, 200, (2, 7))
+    cfg = paca.PacaConfig(r=2, target_modules=["q_proj", "v_proj"])
+    model = paca.wrap(tiny_llama(layers=1), cfg)
+    _randomize(model, 0.05)
+    paca.export_lora(model, tmp_path / "lora")
+    _randomize(model, 0.3)  # a different adapter, exported over the first
+    paca.export_lora(model, tmp_path / "lora")
+    assert sorted(p.name for p in (tmp_path / "lora").iterdir() if p.name[0] != ".") == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    lora = peft.PeftModel.from_pretrained(tiny_llama(layers=1), tmp_path / "lora")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            lora(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5
+        )
+    model.save_pretrained(tmp_path / "paca")
+    with pytest.raises(ValueError, match="adapter_config.json"):  # PEFT: no config, no model
+        peft.PeftModel.from_pretrained(tiny_llama(layers=1), tmp_path / "paca")
+    with pytest.raises(paca.io.AdapterFormatError):
+        paca.export_lora(model, tmp_path / "paca")
+    with pytest.raises(paca.io.AdapterFormatError):
+        model.save_pretrained(tmp_path / "lora")

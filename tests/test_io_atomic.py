@@ -187,6 +187,32 @@ def test_a_full_disk_at_any_step_before_the_commit_leaves_the_old_adapter(
     assert visible(tmp_path) == FILES
 
 
+@pytest.mark.parametrize("which", [LORA_WEIGHTS_NAME, LORA_CONFIG_NAME])
+def test_a_failing_export_leaves_the_previous_export(tmp_path, monkeypatch, which):
+    paca.export_lora(adapter(1.0), tmp_path)
+    before = {n: (tmp_path / n).read_bytes() for n in (LORA_CONFIG_NAME, LORA_WEIGHTS_NAME)}
+    enospc = OSError(errno.ENOSPC, "No space left on device")
+    if which == LORA_WEIGHTS_NAME:
+        monkeypatch.setattr(
+            "safetensors.torch.save_file", lambda *a, **k: (_ for _ in ()).throw(enospc)
+        )
+    else:
+        real = Path.write_text
+
+        def write_text(self, *args, **kwargs):
+            if self.name == LORA_CONFIG_NAME:
+                real(self, "{", encoding="utf-8")
+                raise enospc
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "write_text", write_text)
+    with pytest.raises(OSError, match="No space left"):
+        paca.export_lora(adapter(2.0, r=3), tmp_path)
+    monkeypatch.undo()
+    assert {n: (tmp_path / n).read_bytes() for n in before} == before
+    assert store_entries(tmp_path, LORA_STORE) == []
+
+
 def test_an_exception_after_the_commit_keeps_the_new_adapter(tmp_path, monkeypatch, caplog):
     adapter(1.0).save_pretrained(tmp_path)
     monkeypatch.setattr(atomic, "_cleanup", lambda *a: (_ for _ in ()).throw(OSError("late")))
@@ -201,6 +227,8 @@ def test_no_temporary_files_survive_a_save_and_stale_ones_are_removed(tmp_path):
     store = tmp_path / pio.STORE
     assert visible(tmp_path) == FILES and store_entries(tmp_path) == []
     assert sorted(p.name for p in (store / os.readlink(store / "current")).iterdir()) == FILES
+    for name in FILES:  # the documented names are links through the one commit point
+        assert os.readlink(tmp_path / name) == f"{pio.STORE}/current/{name}"
     dead = store / "tmp-dead"  # a killed writer's work: its lock is free
     dead.mkdir()
     (dead / atomic.WRITING).touch()
