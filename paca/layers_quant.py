@@ -36,6 +36,7 @@ from torch import nn
 
 from paca.backend_abc import Backend
 from paca.layer import PacaLinear, register_layer_type
+from paca.ops import autocast_dtype
 from paca.ops_quant import check_quant_state, nf4_dequantize, paca_linear_4bit, require_nf4
 
 
@@ -194,12 +195,29 @@ class PacaLinear4bit(PacaLinear):
             x, w, w.quant_state, base.bias, delta, idx, self.backend, base.compute_dtype
         )
 
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The pretrained 4-bit layer, as ``Linear4bit.forward`` computes it, except that
+        nothing of the layer is modified: bitsandbytes' own forward repacks the weight
+        for CPU inference in eval mode (on AVX512-BF16 CPUs) and casts the bias in place."""
+        import bitsandbytes as bnb
+
+        base = self.base_layer
+        w = base.weight
+        dtype = autocast_dtype(x.device.type) or base.compute_dtype or x.dtype
+        bias = base.bias.to(dtype) if base.bias is not None else None
+        y = bnb.matmul_4bit(x.to(dtype), w.t(), bias=bias, quant_state=w.quant_state)
+        return y.to(x.dtype)
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args or kwargs:
+            raise TypeError(f"{type(self).__name__}.forward takes one input tensor")
         if self._probe is not None:  # gradient selection: the pretrained layer, probed
             token, acc = self._probe
-            y = self.base_layer(x, *args, **kwargs)
-            return _DenseGradProbe.apply(y, x, token, acc)
-        return super().forward(x, *args, **kwargs)
+            return _DenseGradProbe.apply(self.base_forward(x), x, token, acc)
+        name = self.active_adapter
+        if self.disabled or name is None or name in self.merged_adapters:
+            return self.base_forward(x)
+        return self.paca_forward(x, self.paca_delta[name], self.paca_idx[name])
 
     @contextlib.contextmanager
     def dense_grad_probe(self) -> Iterator[Callable[[], torch.Tensor]]:

@@ -931,7 +931,20 @@ class PacaModel(nn.Module):
 
     def _replace_layers(self, merge: bool, safe_merge: bool = False) -> nn.Module:
         if merge:
-            self.merge(safe_merge=safe_merge)
+            # 4-bit (QPaCA) layers cannot be merged into: they become dense layers holding
+            # dequant(W) first, and go back to 4-bit if the merge is refused
+            swapped = []
+            for name, layer in list(self.paca_layers()):
+                to_dense = getattr(layer, "dequantized_layer", None)
+                if callable(to_dense):
+                    _set_submodule(self.model, name, to_dense())
+                    swapped.append((name, layer))
+            try:
+                self.merge(safe_merge=safe_merge)
+            except BaseException:
+                for name, layer in swapped:
+                    _set_submodule(self.model, name, layer)
+                raise
         untracked = self.trainable_outside_adapters()
         if untracked:
             warnings.warn(
@@ -963,7 +976,8 @@ class PacaModel(nn.Module):
         in the adapter's ``modules_to_save`` are replaced by its trained copies. The merge
         is all-or-nothing (see :meth:`merge`): on refusal the model stays wrapped and
         unchanged. Every parameter's ``requires_grad`` is restored to its value before
-        ``wrap``."""
+        ``wrap``. A 4-bit (QPaCA) layer is returned as a dense ``nn.Linear`` holding its
+        dequantized weight with the adapter merged (in the dtype it was quantized from)."""
         return self._replace_layers(merge=True, safe_merge=safe_merge)
 
     def unload(self) -> nn.Module:

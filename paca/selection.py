@@ -13,6 +13,7 @@ themselves in :data:`STRATEGIES` with :func:`register_strategy`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import random
@@ -214,7 +215,11 @@ def gradient_scores(
     """
     from paca.layer import PacaLayer
 
-    weights = {k: layer.base_layer.weight for k, layer in layers.items()}
+    # layers whose base weight has no gradient (4-bit bases) measure the dense gradient of
+    # their dequantized weight with a probe instead (PacaLinear4bit.dense_grad_probe)
+    probes = {k: layer.dense_grad_probe() for k, layer in layers.items() if _has_probe(layer)}
+    weights = {k: layer.base_layer.weight for k, layer in layers.items() if k not in probes}
+    probe_stack = contextlib.ExitStack()
     ids = {id(w) for w in weights.values()}
     saved = [(w, w.requires_grad, w.grad) for w in weights.values()]
     # every other trainable tensor (another adapter's deltas) is left out of the backward
@@ -223,6 +228,7 @@ def gradient_scores(
     disabled = [(layer, layer.disabled) for layer in paca_layers]
     modes = [(m, m.training) for m in model.modules()]
     try:
+        probed = {k: probe_stack.enter_context(p) for k, p in probes.items()}
         model.eval()
         for p in others:
             p.requires_grad_(False)
@@ -242,7 +248,7 @@ def gradient_scores(
             raise ValueError("calibration batches are empty: give at least one batch")
         scores = {}
         for k, layer in layers.items():
-            grad = weights[k].grad
+            grad = probed[k]() if k in probed else weights[k].grad
             if grad is None:
                 raise ValueError(
                     f"module {k!r} got no gradient from the calibration loss (is it used in "
@@ -251,6 +257,7 @@ def gradient_scores(
             scores[k] = column_norms(layer.oi_view(grad))
         return scores
     finally:
+        probe_stack.close()
         for m, mode in modes:
             m.training = mode
         for p in others:
@@ -260,6 +267,10 @@ def gradient_scores(
             w.grad = grad
         for layer, was in disabled:
             layer.disabled = was
+
+
+def _has_probe(layer: Any) -> bool:
+    return callable(getattr(type(layer), "dense_grad_probe", None))
 
 
 def select_columns(
