@@ -68,6 +68,12 @@ def run(args: argparse.Namespace) -> int:
     from paca.experiment.schema import load_experiment
     from paca.quickstart import default_experiment
 
+    if args.backend is not None and not args.backend.strip():
+        raise UsageError(
+            "--backend is empty; give a backend name (cpu, cuda, hpu, a plugin's) or auto"
+        )
+    if args.output_dir is not None:
+        output_folder(args.output_dir, "--output-dir", "run folders")
     overrides = parse_overrides(args.overrides)
     if args.steps is not None:
         overrides["train.steps"] = args.steps
@@ -80,7 +86,13 @@ def run(args: argparse.Namespace) -> int:
     elif args.experiment is None:
         exp = default_experiment(overrides)
     else:
-        exp = load_experiment(experiment_file(args.experiment), overrides)
+        path = experiment_file(args.experiment)
+        try:
+            exp = load_experiment(path, overrides)
+        except UnicodeDecodeError as exc:
+            raise UsageError(
+                f"{path} is not a UTF-8 text file, so not an experiment: {exc}"
+            ) from None
     if args.run_dir is not None and not args.resume:
         output_folder(args.run_dir, "--run-dir", "the run (config, metrics, adapter)")
     if args.resume:
