@@ -46,7 +46,8 @@ def _quantized_layers():
     except ImportError:
         return out
     out.append(("bnb Linear8bitLt", bnb.nn.Linear8bitLt(16, 16, has_fp16_weights=False)))
-    out.append(("bnb Linear4bit", bnb.nn.Linear4bit(16, 16)))
+    # QPaCA adapts quantized NF4 Linear4bit; FP4 (here not even quantized yet) is refused
+    out.append(("bnb Linear4bit fp4", bnb.nn.Linear4bit(16, 16, quant_type="fp4")))
     return out
 
 
