@@ -235,3 +235,47 @@ def test_unknown_strategy_is_refused_before_any_layer_is_replaced():
 def test_excluded_targets_do_not_warn_as_misspelled(recwarn):
     paca.wrap(Net(), PacaConfig(r=2, target_modules=["a", "b"], exclude_modules=["b"]))
     assert not [w for w in recwarn if "matched no module" in str(w.message)]
+
+
+# --- property: any value either builds a JSON-round-tripping config or a clear error ------
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+
+_ANY = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-5, 40)
+    | st.floats(allow_nan=True)
+    | st.text(max_size=6)
+    | st.sampled_from(["all-linear", "(", "a|b", "q_proj", r"x\.\d"]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner),
+    max_leaves=8,
+)
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(
+    field=st.sampled_from(
+        [
+            "r",
+            "seed",
+            "target_modules",
+            "exclude_modules",
+            "selection",
+            "indices",
+            "selection_options",
+            "delta_dtype",
+            "modules_to_save",
+        ]
+    ),  # fmt: skip
+    value=_ANY,
+)
+def test_any_value_gives_a_config_or_a_field_naming_error(field, value):
+    try:
+        cfg = PacaConfig(**{field: value})
+    except PacaConfigError as e:
+        assert f"PacaConfig.{field}" in str(e)
+        return
+    assert PacaConfig.from_json(cfg.to_json()) == cfg
+    if field in {"r", "seed"}:
+        assert type(getattr(cfg, field)) is int and getattr(cfg, field) == value
