@@ -144,6 +144,8 @@ def export_lora(
 
 
 def _refuse_paca_folder(directory: Path) -> None:
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"export directory {str(directory)!r} is a file, not a directory")
     held = [n for n in (CONFIG_NAME, WEIGHTS_NAME, STORE) if os.path.lexists(directory / n)]
     if held:
         also = ""

@@ -402,6 +402,14 @@ def test_save_into_a_peft_folder_is_refused_and_the_lora_survives(tmp_path):
     assert store_entries(tmp_path, LORA_STORE) == []
 
 
+def test_a_file_is_not_a_folder_to_save_into(tmp_path):
+    (tmp_path / "f").write_text("")
+    with pytest.raises(ValueError, match="is a file, not a directory"):
+        adapter(1.0).save_pretrained(tmp_path / "f")
+    with pytest.raises(ValueError, match="is a file, not a directory"):
+        paca.export_lora(adapter(1.0), tmp_path / "f")
+
+
 def test_loading_a_peft_folder_says_what_it_holds_and_how_to_load_it(tmp_path):
     paca.export_lora(adapter(1.0), tmp_path)
     with pytest.raises(
