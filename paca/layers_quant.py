@@ -349,6 +349,9 @@ def quantize_nf4(
                 bnb, linear, compute_dtype, double_quant, blocksize, quant_storage, device
             ),
         )
+    # what transformers sets on a model loaded in 4-bit; PEFT reads it to pick its
+    # bitsandbytes LoRA layers (QLoRA) instead of the dense ones
+    model.is_loaded_in_4bit = True
     return model
 
 

@@ -29,6 +29,7 @@ from paca.testing import _checks_op, _checks_primitives  # noqa: F401  (register
 if hasattr(_Backend, "conv2d"):  # the conv primitives joined the Backend API
     from paca.testing import _checks_conv  # noqa: F401
 from paca.testing import _checks_runtime  # noqa: F401, E402
+from paca.testing import _checks_nf4  # noqa: F401, E402  ("nf4": bitsandbytes, lazily)
 from paca.testing._contract import (
     CONTRACT,
     TOLERANCES,
