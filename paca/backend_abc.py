@@ -156,9 +156,7 @@ class Backend(ABC):
                 return self.linear(x, weight, bias), x_sel
         y = self.linear(x, weight, bias)
         y = y if y.is_contiguous() else y.contiguous()
-        y.view(-1, y.shape[-1]).addmm_(
-            x_sel.reshape(-1, x_sel.shape[-1]), delta.to(y.dtype).t()
-        )
+        y.view(-1, y.shape[-1]).addmm_(x_sel.reshape(-1, x_sel.shape[-1]), delta.to(y.dtype).t())
         return y, x_sel
 
     def linear_backward(

@@ -117,3 +117,14 @@ def check_owns_storage(
                 f"with the input; it must be a new tensor (a view keeps the whole input "
                 f"alive for backward)"
             )
+
+
+def require_capability(backend: Backend, capability: str, what: str) -> None:
+    """Raise unless ``backend`` declares ``capability`` (named with what needs it)."""
+    if capability not in backend.capabilities:
+        declared = ", ".join(sorted(backend.capabilities)) or "nothing"
+        raise BackendCapabilityError(
+            f"{what} needs the {capability!r} capability, which paca backend "
+            f"{backend.name!r} does not declare (it declares: {declared}); use a backend "
+            f"that declares it (paca backends lists them) or leave {what} off"
+        )

@@ -256,7 +256,13 @@ def _backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dX, d(delta))``; an empty tensor stands for a gradient not asked for."""
     gx, gd = _backward_impl(
-        grad_out, x_sel, weight, delta, idx, backend_for_key(backend), need_input_grad,
+        grad_out,
+        x_sel,
+        weight,
+        delta,
+        idx,
+        backend_for_key(backend),
+        need_input_grad,
         need_delta_grad,
     )
     empty = grad_out.new_empty(0)

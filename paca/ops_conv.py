@@ -60,8 +60,17 @@ class PacaConv2dFunction(torch.autograd.Function):
             bias_c = bias.to(dtype) if bias is not None else None
             d = bc.delta_for(backend, delta)
             out = bc.call(
-                backend, member, backend.conv2d_forward, x_c, w, bias_c, d, idx, stride,
-                padding, dilation,
+                backend,
+                member,
+                backend.conv2d_forward,
+                x_c,
+                w,
+                bias_c,
+                d,
+                idx,
+                stride,
+                padding,
+                dilation,
             )
         y, x_sel = bc.check_pair(backend, member, out)
         spatial = tuple(
@@ -96,8 +105,19 @@ class PacaConv2dFunction(torch.autograd.Function):
             with _no_autocast(grad_out.device.type):
                 d = bc.delta_for(backend, delta)
                 out = bc.call(
-                    backend, member, backend.conv2d_backward, grad_out.to(dtype), x_sel,
-                    weight.to(dtype), d, idx, ctx.x_shape, stride, padding, dilation, need_x,
+                    backend,
+                    member,
+                    backend.conv2d_backward,
+                    grad_out.to(dtype),
+                    x_sel,
+                    weight.to(dtype),
+                    d,
+                    idx,
+                    ctx.x_shape,
+                    stride,
+                    padding,
+                    dilation,
+                    need_x,
                     need_delta,
                 )
             grad_x, grad_delta = bc.check_pair(backend, member, out)

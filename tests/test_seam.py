@@ -435,3 +435,21 @@ def test_half_deltas_get_fp32_accumulated_gradients_rounded_once(dtype):
     ref = g.double().t() @ x.double()[:, layer.paca_idx["default"]]
     ulp = torch.finfo(dtype).eps * ref.abs().clamp_min(1)
     assert ((grad.double() - ref).abs() <= ulp).all()
+
+
+def test_compile_and_graph_capture_are_refused_without_the_capability():
+    from paca.graph_mode import compile as paca_compile
+    from paca.graph_mode import prepare_for_inference
+
+    class Plain(CPUBackend):
+        name = "plain"
+        priority = None
+        capabilities = frozenset({"float32"})
+
+    model = _model(backend=Plain())
+    with pytest.raises(BackendCapabilityError, match=r"'compile' capability.*'plain'"):
+        paca_compile(model)
+    with pytest.raises(BackendCapabilityError, match=r"'graphs' capability.*'plain'"):
+        prepare_for_inference(model)
+    assert prepare_for_inference(model, graphs=False) is model and not model.training
+    assert paca_compile(_model()) is not None  # the CPU backend declares "compile"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 from types import ModuleType
 
 import torch
@@ -21,10 +20,6 @@ _MODULE = "paca_cuda._triton_kernels"
 def triton_installed() -> bool:
     """Whether ``import triton`` can work (checked without importing it)."""
     return importlib.util.find_spec("triton") is not None
-
-
-def interpreter_requested() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def load() -> ModuleType:

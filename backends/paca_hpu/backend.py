@@ -177,15 +177,15 @@ class HPUBackend(CPUBackend):
         ``torch.compile(model, backend=backend.compile_backend())`` for graph execution.
         Train no further through the returned module: HPU graphs do not propagate grads.
         """
-        from paca.model import PacaModel
-
         model.eval()
         if not self.lazy:
             logger.info("paca hpu: eager mode, no HPU graphs (they are lazy-mode only)")
             return model
-        # wrap_in_hpu_graph replaces ``module.forward``. A PacaModel only delegates to the
-        # model it wraps, so graph that one (what optimum-habana graphs, too).
-        target = model.model if isinstance(model, PacaModel) else model
+        # wrap_in_hpu_graph replaces ``module.forward``. A paca model only delegates to the
+        # model it wraps (``get_base_model()``), so graph that one (what optimum-habana
+        # graphs, too).
+        get_base = getattr(model, "get_base_model", None)
+        target = get_base() if callable(get_base) else model
         self.sdk.hpu.wrap_in_hpu_graph(target)
         return model
 
