@@ -155,19 +155,22 @@ class PacaLayer(nn.Module):
             self.active_adapter = next(iter(self.paca_delta.keys()), None)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
-        """``.to()``, ``to_empty()`` ...; indices and deltas that leave the meta device get
-        their real values (the saved indices, zero deltas) instead of uninitialized memory."""
-        meta_idx = [n for n, b in self.paca_idx._buffers.items() if b is not None and b.is_meta]
+        """``.to()``, ``to_empty()`` ...: an ``idx`` buffer that leaves the meta device or
+        changes device is rewritten from the CPU master copy (``to_empty`` would leave it
+        uninitialized), and a delta that leaves the meta device gets its initial value, zero
+        (one on meta was never trained)."""
+        devices = {n: b.device for n, b in self.paca_idx._buffers.items() if b is not None}
         meta_delta = [n for n, p in self.paca_delta.items() if p.is_meta]
         out = super()._apply(fn, recurse)
         with torch.no_grad():
-            for n in meta_idx:
+            for n, before in devices.items():
                 buf = self.paca_idx[n]
-                if not buf.is_meta and n in self._paca_idx_master:
+                moved = before.type == "meta" or buf.device != before
+                if moved and not buf.is_meta and n in self._paca_idx_master:
                     self.paca_idx[n] = self._paca_idx_master[n].to(device=buf.device)
             for n in meta_delta:
                 p = self.paca_delta[n]
-                if not p.is_meta:  # a delta on meta was never trained: its value is its init
+                if not p.is_meta:
                     p.zero_()
         return out
 
