@@ -488,13 +488,16 @@ def test_image_classification_run_reports_accuracy(tmp_path: Path):
     assert s["task"] == "image-classification" and 0 <= s["eval_accuracy"] <= 1
     assert s["samples_per_second"] > 0 and s["tokens_per_second"] is None
     adapter = tmp_path / "r" / "adapter"
-    assert sorted(p.name for p in adapter.iterdir()) == [
-        "adapter_model.safetensors",
-        "paca_config.json",
-    ]
     from safetensors.torch import load_file
 
-    assert "classifier.modules_to_save.weight" in load_file(adapter / "adapter_model.safetensors")
+    from paca import io as pio
+
+    assert sorted(p.name for p in adapter.iterdir() if not p.name.startswith(".")) == [
+        "paca_adapter.safetensors",
+        "paca_config.json",
+    ]
+    assert pio.WEIGHTS_NAME == "paca_adapter.safetensors"
+    assert "classifier.modules_to_save.weight" in load_file(adapter / pio.WEIGHTS_NAME)
 
 
 # ----------------------------------------------- shipped files on local stand-ins

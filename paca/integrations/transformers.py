@@ -8,7 +8,7 @@ changes is the class::
 
     from paca.integrations.transformers import PacaTrainer as Trainer
 
-:class:`PacaTrainer` writes ``adapter_model.safetensors`` + ``paca_config.json`` into
+:class:`PacaTrainer` writes ``paca_adapter.safetensors`` + ``paca_config.json`` into
 every checkpoint (and the final ``save_model``), and reads them back for
 ``resume_from_checkpoint`` and ``load_best_model_at_end``.
 """
