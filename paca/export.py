@@ -97,6 +97,7 @@ def export_lora(
     name = adapter_name or paca_model.active_adapter
     if name not in paca_model.paca_configs:
         raise KeyError(f"no adapter {name!r}; adapters: {sorted(paca_model.paca_configs)}")
+    paca_model.check_nothing_trainable_outside("export the LoRA adapter")
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     fan_in_fan_out: list[bool] = []

@@ -234,6 +234,7 @@ def save_adapter(
     """Write adapter ``adapter_name`` of ``model`` into ``directory`` as one unit (see the
     module docstring); returns the directory."""
     directory = Path(directory)
+    model.check_nothing_trainable_outside()  # their training would be dropped silently
     _refuse_peft_folder(directory)
     _publish(directory, _adapter_files(model, adapter_name, state_dict))
     return directory

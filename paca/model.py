@@ -541,7 +541,7 @@ class PacaModel(nn.Module):
     def save_pretrained(
         self, save_directory: str | Path, adapter_name: str | None = None, **kwargs: Any
     ) -> None:
-        """Write the adapter (``adapter_model.safetensors`` + ``paca_config.json``) atomically.
+        """Write the adapter (``paca_adapter.safetensors`` + ``paca_config.json``) as one unit.
 
         Only deltas and indices are written, never base weights. With ``adapter_name=None``
         the active adapter goes to ``save_directory`` and every other adapter to

@@ -403,3 +403,20 @@ def test_unload_after_a_refused_merge_is_still_bit_exact():
     plain = pm.unload()
     restored = {k.replace(".base_layer", ""): v for k, v in original.items()}
     _assert_same(restored, _snapshot(plain))
+
+
+def test_export_and_direct_saves_refuse_trainable_parameters_outside_the_adapter(tmp_path):
+    import paca.io as pio
+    from paca.model import TrainableOutsideAdapterError
+
+    torch.manual_seed(0)
+    model = paca.wrap(
+        nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)),
+        paca.PacaConfig(r=2, target_modules=["0"]),
+    )
+    model.model[2].bias.requires_grad_(True)  # a bias the user unfroze
+    with pytest.raises(TrainableOutsideAdapterError, match="2.bias"):
+        paca.export_lora(model, tmp_path / "lora")
+    with pytest.raises(TrainableOutsideAdapterError, match="2.bias"):
+        pio.save_adapter(model, tmp_path / "direct", "default")
+    assert not (tmp_path / "lora").exists() and not (tmp_path / "direct").exists()
