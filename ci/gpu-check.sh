@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/paca-gpu-check}"
 mkdir -p "$OUT"
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
-unset TRITON_INTERPRET PACA_CUDA_KERNELS PACA_WEIGHT_CACHE
+unset TRITON_INTERPRET PACA_CUDA_KERNELS
 t0=$(date +%s)
 declare -A STATUS
 
@@ -54,7 +54,8 @@ stage cuda-tests 200 python -m pytest -q -rfEs -m cuda -p no:cacheprovider \
 stage triton-kernels 60 python -m pytest -q -rfEs -p no:cacheprovider \
   tests/test_triton_kernels.py --junitxml="$OUT/triton-kernels.xml"
 
-# 3. a short benchmark (bf16, 4 layers of 4096x4096, 4096 tokens, r=8)
+# 3. a short benchmark (bf16, 4 layers of 4096x4096, 4096 tokens, r=8): step time, peak,
+#    saved activations and bytes written per method; the fused op's pieces per kernel mode
 stage bench 60 python -m paca_cuda.bench --json "$OUT/bench.json"
 
 # 4. summary
@@ -76,8 +77,14 @@ if b.exists():
     r = json.loads(b.read_text())
     for row in r["steps"]:
         peak = f"{row['peak_bytes'] / 2**20:.0f} MiB" if row.get("peak_bytes") else "-"
-        print(f"  {row['method']:<26} {row['ms']:8.3f} ms  x{row['vs_lora']:.2f} of LoRA  "
-              f"peak {peak}  saved {row['saved_bytes'] / 2**20:.1f} MiB")
+        lora = f"x{row['vs_lora']:.2f} of LoRA" if row.get("vs_lora") else "(no LoRA row)"
+        seen = "" if row.get("traffic_complete", True) else " (Triton writes not seen)"
+        print(f"  {row['method']:<24} {row['ms']:8.3f} ms  x{row['vs_frozen']:.3f} of frozen  "
+              f"{lora}  peak {peak}  saved {row['saved_bytes'] / 2**20:.1f} MiB  "
+              f"writes +{row['extra_vs_weights']:.3f} x weights{seen}")
+    for row in r["primitives"]:
+        cols = "  ".join(f"{k[:-3]} {v:.3f} ms" for k, v in row.items() if k.endswith("_ms"))
+        print(f"  {row['piece']:<30} {cols}")
 PY
 for name in cuda-tests triton-kernels bench; do [ "${STATUS[$name]:-}" = passed ] || exit 1; done
 exit 0

@@ -15,21 +15,15 @@ def saved_activation_bytes(
 ) -> tuple[torch.Tensor, int, list[torch.Tensor]]:
     """Run ``fn`` and count bytes autograd saves for backward, excluding ``exclude``.
 
-    Tensors sharing storage with an excluded tensor (parameters, buffers and views of
-    them) are not activations and are left out.
+    The project's one counter (:class:`paca.bench.memory.SavedActivationCounter`):
+    tensors sharing storage with an excluded tensor (parameters, buffers and views of
+    them) are not activations; whole storages count, each once. Returns the result,
+    the bytes and the saved tensors (for messages).
     """
-    excluded = {t.untyped_storage().data_ptr() for t in exclude}
-    saved: list[torch.Tensor] = []
+    from paca.bench.memory import saved_activation_bytes as count
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.untyped_storage().data_ptr() not in excluded:
-            saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    total = sum(t.numel() * t.element_size() for t in saved)
-    return out, total, saved
+    out, counter = count(fn, exclude, keep=True)
+    return out, counter.total_bytes, counter.saved
 
 
 def params_and_buffers(module: nn.Module) -> list[torch.Tensor]:

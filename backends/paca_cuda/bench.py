@@ -1,17 +1,26 @@
-"""A short CUDA benchmark: PaCA's paths against a frozen layer and LoRA, plus kernel A/Bs.
+"""A short CUDA benchmark: PaCA against a frozen layer and LoRA, plus the fused-op pieces.
 
     python -m paca_cuda.bench            # on a GPU: bf16, 4096-wide layers, ~1 minute
     python -m paca_cuda.bench --tiny     # a smoke run on any device (CPU in the tests)
 
-What it times (median of CUDA-event timings after warm-up; no logging inside the loop):
+What it measures (median of CUDA-event timings after warm-up; no logging inside the loop):
 
-* one training step (forward + backward) through a stack of linear layers with
-  a frozen layer (the floor), LoRA (r, two extra GEMMs per layer), PaCA with the per-call
-  effective weight (torch kernels and Triton kernels), PaCA with the per-step weight cache;
-  with peak memory and saved-activation bytes per method;
-* the three primitives the backend accelerates, each torch path vs its fused path.
+* one training step (forward + backward) through a stack of linear layers, the methods
+  built by :func:`paca.bench.methods.apply_method` (the builder ``paca bench`` uses): the
+  frozen stack (the floor), PEFT LoRA (same r), and PaCA with each kernel mode (torch,
+  and Triton where it can run) and, for the last mode, each column strategy forced
+  (``swap``: the r columns written into W for the GEMM and restored; ``decompose``:
+  ``x·Wᵀ + x_sel·deltaᵀ``, W never written); per method the peak memory, the saved
+  activations (:class:`paca.bench.memory.SavedActivationCounter`) and the bytes the
+  step writes beyond the frozen stack's (:class:`paca.testing.traffic.WriteCounter`);
+* the pieces of the fused op, each on the reference (CPU backend's torch code on the
+  same tensors), the CUDA backend with torch kernels and with Triton kernels: the
+  gather, the column swap (apply + exact restore), ``linear_forward``,
+  ``linear_backward`` and ``delta_grad``, next to the frozen layer's two GEMMs.
 
-Figures are printed as a table and, with ``--json PATH``, written for run records.
+Bytes written are counted at the aten dispatcher: a Triton kernel launched directly is
+invisible to it, so Triton rows under-count (``traffic_complete`` says which rows are
+exact). Figures are printed as tables and, with ``--json PATH``, written for run records.
 """
 
 from __future__ import annotations
@@ -24,10 +33,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-import paca
-from paca import weight_cache
+from paca.bench.memory import model_tensors, saved_activation_bytes
+from paca.bench.methods import apply_method
+from paca.testing.traffic import WriteCounter
 
 
 def _timer(device: torch.device) -> Callable[[Callable[[], Any], int, int], float]:
@@ -54,38 +65,16 @@ def _timer(device: torch.device) -> Callable[[Callable[[], Any], int, int], floa
     return run
 
 
-class _LoRALinear(nn.Module):
-    """Minimal LoRA (frozen W plus trainable B @ A), the baseline the paper compares to."""
-
-    def __init__(self, base: nn.Linear, r: int) -> None:
-        super().__init__()
-        self.base = base
-        self.lora_a = nn.Parameter(torch.randn(r, base.in_features, dtype=base.weight.dtype) * 0.01)
-        self.lora_b = nn.Parameter(torch.zeros(base.out_features, r, dtype=base.weight.dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + (x @ self.lora_a.t()) @ self.lora_b.t()
-
-
 def _stack(width: int, depth: int, dtype: torch.dtype, device: torch.device) -> nn.Sequential:
     torch.manual_seed(0)
     layers = [nn.Linear(width, width, bias=False) for _ in range(depth)]
     return nn.Sequential(*layers).to(device=device, dtype=dtype).requires_grad_(False)
 
 
-def _saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
-    owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    total = 0
+def _peft_installed() -> bool:
+    import importlib.util
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        if t.untyped_storage().data_ptr() not in owned:
-            total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x)
-    return total
+    return importlib.util.find_spec("peft") is not None
 
 
 def bench_steps(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
@@ -95,11 +84,25 @@ def bench_steps(args: argparse.Namespace, device: torch.device) -> list[dict[str
     dtype = getattr(torch, args.dtype)
     timer = _timer(device)
     x = torch.randn(args.tokens, args.width, device=device, dtype=dtype, requires_grad=True)
+    targets = [str(i) for i in range(args.depth)]
+    weight_bytes = (
+        args.depth * args.width * args.width * torch.empty((), dtype=dtype).element_size()
+    )
     rows: list[dict[str, Any]] = []
 
-    def record(name: str, model: nn.Module, cache: bool = False) -> None:
+    def build(method: str, backend: CUDABackend) -> nn.Module:
+        model = _stack(args.width, args.depth, dtype, device)
+        return apply_method(
+            method, model, r=args.r, targets=targets, backend=backend, move_to_device=False
+        )
+
+    def record(name: str, model: nn.Module, triton: bool = False) -> None:
+        trainable = [p for p in model.parameters() if p.requires_grad]
+
         def step() -> None:
             x.grad = None
+            for p in trainable:
+                p.grad = None
             model(x).float().square().mean().backward()
 
         if device.type == "cuda":
@@ -107,39 +110,42 @@ def bench_steps(args: argparse.Namespace, device: torch.device) -> list[dict[str
             torch.cuda.reset_peak_memory_stats()
         ms = timer(step, args.warmup, args.iters)
         peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+        _, saved = saved_activation_bytes(lambda: model(x), model_tensors(model))
+        with WriteCounter() as written:
+            step()
         rows.append(
             {
                 "method": name,
                 "ms": ms,
                 "peak_bytes": peak,
-                "saved_bytes": _saved_bytes(model, x),
-                "cache_bytes": weight_cache.cached_bytes() if cache else 0,
+                "saved_bytes": saved.total_bytes,
+                "bytes_written": written.bytes,
+                "traffic_complete": not triton,
             }
         )
 
-    record("frozen (no adapter)", _stack(args.width, args.depth, dtype, device))
-    lora = _stack(args.width, args.depth, dtype, device)
-    for i, layer in enumerate(list(lora)):
-        lora[i] = _LoRALinear(layer, args.r).to(device)
-    record(f"LoRA r={args.r}", lora)
+    torch_backend = CUDABackend(kernels="torch")
+    record("frozen (no adapter)", build("frozen", torch_backend))
+    if _peft_installed():
+        record(f"LoRA r={args.r}", build("lora", torch_backend))
+    else:
+        print("peft is not installed (pip install peft): the LoRA row is left out")
 
     modes = ["torch"] + (["triton"] if triton_installed() and device.type == "cuda" else [])
-    config = paca.PacaConfig(r=args.r, target_modules=[str(i) for i in range(args.depth)])
     for mode in modes:
-        backend = CUDABackend(kernels=mode)
-        model = paca.wrap(
-            _stack(args.width, args.depth, dtype, device),
-            config,
-            backend=backend,
-            move_to_device=False,
+        record(f"PaCA ({mode})", build("paca", CUDABackend(kernels=mode)), triton=mode == "triton")
+    for strategy in ("swap", "decompose"):
+        backend = CUDABackend(kernels=modes[-1])
+        backend.column_strategy = strategy  # per instance: the class default stays "auto"
+        record(
+            f"PaCA {strategy} ({modes[-1]})",
+            build("paca", backend),
+            triton=modes[-1] == "triton",
         )
-        record(f"PaCA per-call ({mode})", model)
-    backend = CUDABackend(kernels=modes[-1], cache_effective_weight=True)
-    model = paca.wrap(
-        _stack(args.width, args.depth, dtype, device), config, backend=backend, move_to_device=False
-    )
-    record(f"PaCA step-cache ({modes[-1]})", model, cache=True)
-    weight_cache.clear()
+    frozen = rows[0]["bytes_written"]
+    for r in rows:
+        r["extra_bytes_written"] = r["bytes_written"] - frozen
+        r["extra_vs_weights"] = r["extra_bytes_written"] / weight_bytes
     return rows
 
 
@@ -155,26 +161,42 @@ def bench_primitives(args: argparse.Namespace, device: torch.device) -> list[dic
     x = torch.randn(args.tokens, args.width, generator=gen).to(device, dtype)
     w = torch.randn(args.width, args.width, generator=gen).to(device, dtype)
     idx = torch.randperm(args.width, generator=gen)[: args.r].to(device)
-    delta = torch.zeros(args.width, args.r, device=device)
+    delta = (torch.randn(args.width, args.r, generator=gen) * 1e-3).to(device)  # fp32 master
     g = torch.randn(args.tokens, args.width, generator=gen).to(device, dtype)
     xs = x[:, idx].contiguous()
-    ref, plain = CPUBackend(), CUDABackend(kernels="torch")
-    fused = CUDABackend(kernels="triton") if triton_installed() and can_run_on(x) else None
-    rows = []
-    cases = [
+    backends: dict[str, Any] = {
+        "reference": CPUBackend(),
+        "cuda_torch": CUDABackend(kernels="torch"),
+    }
+    if triton_installed() and can_run_on(x):
+        backends["cuda_triton"] = CUDABackend(kernels="triton")
+
+    def swap(b: Any) -> None:
+        with b.columns_applied(w, idx, delta):
+            pass
+
+    cases: list[tuple[str, Callable[[Any], Any]]] = [
+        ("frozen GEMM x·Wᵀ", lambda b: F.linear(x, w)),
+        ("frozen GEMM dY·W", lambda b: g.matmul(w)),
         ("gather x[..., idx]", lambda b: b.gather(x, idx)),
-        ("effective weight", lambda b: b.effective_weight(w, idx, delta)),
-        ("delta grad (fp32 acc)", lambda b: b.delta_grad(g, xs)),
+        ("column swap (apply + restore)", swap),
+        ("linear_forward", lambda b: b.linear_forward(x, w, None, delta, idx)),
+        ("linear_backward", lambda b: b.linear_backward(g, xs, w, delta, idx, True, True)),
+        ("delta_grad (fp32 acc)", lambda b: b.delta_grad(g, xs, torch.float32)),
     ]
-    for name, fn in cases:
-        row: dict[str, Any] = {
-            "primitive": name,
-            "reference_ms": timer(lambda f=fn: f(ref), 2, args.iters),
-        }
-        row["cuda_torch_ms"] = timer(lambda f=fn: f(plain), 2, args.iters)
-        if fused is not None:
-            row["cuda_triton_ms"] = timer(lambda f=fn: f(fused), 2, args.iters)
-        rows.append(row)
+    rows = []
+    with torch.no_grad():
+        before = w.clone()
+        for name, fn in cases:
+            row: dict[str, Any] = {"piece": name}
+            for key, b in backends.items():
+                row[f"{key}_ms"] = timer(lambda f=fn, b=b: f(b), 2, args.iters)
+            with WriteCounter() as written:
+                fn(backends["cuda_torch"])
+            row["bytes_written_torch"] = written.bytes
+            rows.append(row)
+        if not torch.equal(w, before):
+            raise AssertionError("a backend left the weight changed after the column swap")
     return rows
 
 
@@ -192,11 +214,13 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 def _fmt(v: Any) -> str:
     if v is None:
         return "-"
+    if isinstance(v, bool):
+        return str(v)
     if isinstance(v, float):
         return f"{v:.3f}"
-    if isinstance(v, int) and v >= 2**20:
+    if isinstance(v, int) and abs(v) >= 2**20:
         return f"{v / 2**20:.1f}MiB"
-    if isinstance(v, int) and v >= 2**10:
+    if isinstance(v, int) and abs(v) >= 2**10:
         return f"{v / 2**10:.1f}KiB"
     return str(v)
 
@@ -228,9 +252,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "steps": bench_steps(args, device),
         "primitives": bench_primitives(args, device),
     }
-    lora = next(r["ms"] for r in result["steps"] if r["method"].startswith("LoRA"))
+    lora = next((r["ms"] for r in result["steps"] if r["method"].startswith("LoRA")), None)
+    frozen = result["steps"][0]["ms"]
     for r in result["steps"]:
-        r["vs_lora"] = r["ms"] / lora
+        r["vs_frozen"] = r["ms"] / frozen
+        r["vs_lora"] = r["ms"] / lora if lora else None
     print(f"# paca CUDA bench on {result['device']}")
     print(f"# {result['config']}")
     _print_table(result["steps"])

@@ -47,6 +47,8 @@ class BenchConfig:
     seq_search_max: int = 1 << 17
     backend: str | None = None
     threads: int | None = None
+    #: Count the bytes one step of each method writes (one extra, untimed step each).
+    traffic: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

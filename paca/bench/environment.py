@@ -30,6 +30,9 @@ def environment(backend: Backend) -> dict[str, Any]:
             ("paca", "torch", "transformers", "peft", "accelerate", "numpy")
         ),
         "backend": backend.describe(),
-        # PaCA's effective-weight cache changes speed and memory; record how it was set
-        "env": {k: os.environ.get(k) for k in ("PACA_WEIGHT_CACHE", "OMP_NUM_THREADS")},
+        # settings that change which kernels run or how many threads they get
+        "env": {
+            k: os.environ.get(k)
+            for k in ("PACA_BACKEND", "PACA_CUDA_KERNELS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+        },
     }

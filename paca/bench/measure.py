@@ -41,6 +41,32 @@ def summarize(samples: Sequence[float]) -> dict[str, Any]:
     }
 
 
+def paired_ratios(a: Sequence[float], b: Sequence[float]) -> dict[str, Any] | None:
+    """Per-round ratios ``a[k] / b[k]`` of two methods' steps timed in the same round.
+
+    The two steps of a round ran seconds apart, so load from elsewhere mostly hits both:
+    the median of the per-round ratios, with its spread, is the comparison to quote on a
+    shared machine (a ratio of medians mixes quiet and busy rounds). ``ratio_of_minima``
+    compares each method's least-disturbed step.
+    """
+    pairs = [x / y for x, y in zip(a, b, strict=False) if y]
+    if not pairs:
+        return None
+    stats = summarize(pairs)
+    return {
+        "per_round": pairs,
+        "rounds": len(pairs),
+        "median": stats["median"],
+        "q1": stats["q1"],
+        "q3": stats["q3"],
+        "iqr": stats["iqr"],
+        "min": stats["min"],
+        "max": stats["max"],
+        "rounds_below_1": sum(r < 1 for r in pairs),
+        "ratio_of_minima": min(a) / min(b) if min(b) else None,
+    }
+
+
 def interleaved_times(
     setups: Sequence[MethodSetup],
     input_ids: torch.Tensor,

@@ -19,7 +19,7 @@ kernel allocates and frees internally, nor allocator caching or fragmentation.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,25 +91,43 @@ def _in_features(module: nn.Module) -> int | None:
 class SavedActivationCounter:
     """Counts bytes autograd saves for backward inside ``with counter.count():``.
 
+    The one saved-activation counter of the project: ``paca bench``, the CUDA
+    micro-benchmark and the tests use it (:func:`saved_activation_bytes` is the short
+    form). ``exclude`` are tensors that exist anyway (parameters, buffers): anything
+    sharing storage with them is not an activation. Bytes are whole storages, each
+    counted once (a small view into a large tensor keeps all of it alive; q, k and v
+    saving one input keep it once).
+
     ``layers`` maps names to modules whose forward saves are attributed to them (the
     innermost running one wins); everything else is attributed to ``"other"``. A
-    storage is attributed to the first layer that saved it.
+    storage is attributed to the first layer that saved it. With ``keep=True`` the
+    counted tensors are also kept in ``saved`` (for error messages in tests; it keeps
+    them alive, so never use it while measuring peak memory).
     """
 
-    def __init__(self, exclude: Iterable[torch.Tensor], layers: dict[str, nn.Module]) -> None:
+    def __init__(
+        self,
+        exclude: Iterable[torch.Tensor] = (),
+        layers: dict[str, nn.Module] | None = None,
+        keep: bool = False,
+    ) -> None:
         self._excluded = {k for k in map(storage_key, exclude) if k is not None}
-        self._layers = layers
+        self._layers = layers or {}
         self._stack: list[str] = []
         self._seen: set[int] = set()
+        self._keep = keep
+        self.saved: list[torch.Tensor] = []
         self.total_bytes = 0
         self.other_bytes = 0
-        self.per_layer: dict[str, LayerSaved] = {name: LayerSaved() for name in layers}
+        self.per_layer: dict[str, LayerSaved] = {name: LayerSaved() for name in self._layers}
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         key = storage_key(t)
         if key is None or key == 0 or key in self._excluded or key in self._seen:
             return t
         self._seen.add(key)
+        if self._keep:
+            self.saved.append(t)
         nbytes = storage_nbytes(t)
         self.total_bytes += nbytes
         if self._stack:
@@ -149,6 +167,20 @@ class SavedActivationCounter:
                 self._stack.pop()
 
         return hook
+
+
+def saved_activation_bytes(
+    fn: Callable[[], Any], exclude: Iterable[torch.Tensor] = (), keep: bool = False
+) -> tuple[Any, SavedActivationCounter]:
+    """Run ``fn()`` counting what autograd saves for backward; ``(result, counter)``.
+
+    ``counter.total_bytes`` is the figure (see :class:`SavedActivationCounter`);
+    ``exclude`` the parameters and buffers (e.g. :func:`model_tensors`).
+    """
+    counter = SavedActivationCounter(exclude, keep=keep)
+    with counter.count():
+        out = fn()
+    return out, counter
 
 
 class AllocationTracker(TorchDispatchMode):

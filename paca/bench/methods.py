@@ -1,16 +1,23 @@
-"""The four methods compared, built from identical base weights.
+"""The four methods compared, built from identical base weights, by one builder.
 
 * ``paca``: :func:`paca.wrap` with ``r`` columns on the target layers.
-* ``lora``: PEFT LoRA with the same ``r`` and targets (dropout 0, so PEFT uses an
-  identity and saves no dropout mask: LoRA's most memory-friendly setting).
+* ``lora``: PEFT LoRA with the same ``r`` and targets, ``lora_alpha = r`` (scaling 1, the
+  experiment runner's default; alpha only sets the scalar LoRA multiplies its output by,
+  so it does not change what a step costs) and dropout 0 (PEFT then uses an identity and
+  saves no dropout mask: LoRA's most memory-friendly setting).
 * ``full``: every weight trained.
-* ``frozen``: every weight frozen, gradients flow to the input embeddings. Nothing is
-  learned; it is the cost of backpropagating through the network at all, which no
-  adapter can go below.
+* ``frozen``: every weight frozen, gradients flow to the input (the embeddings' output
+  for a transformers model). Nothing is learned; it is the cost of backpropagating
+  through the network at all, which no adapter can go below.
+
+:func:`apply_method` is the one builder: ``paca bench`` applies it to a LLaMA-style model
+(:func:`build_method`) and the CUDA micro-benchmark (``python -m paca_cuda.bench``) to a
+stack of ``nn.Linear`` layers, so both compare the same four things.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +32,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 #: How each method is described in reports.
 DESCRIPTIONS = {
     "paca": "PaCA (paca.wrap), r columns per target layer",
-    "lora": "PEFT LoRA, same r and targets, dropout 0",
+    "lora": "PEFT LoRA, same r and targets, alpha = r, dropout 0",
     "full": "full fine-tuning, all weights trained",
     "frozen": "frozen base, grads to input embeddings only (lower bound)",
 }
@@ -47,6 +54,72 @@ def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
+def lora_config(r: int, targets: Sequence[str], task_type: str | None = None) -> Any:
+    """The PEFT ``LoraConfig`` of the LoRA baseline (alpha = r, dropout 0)."""
+    try:
+        from peft import LoraConfig
+    except ImportError as exc:  # pragma: no cover - peft is in the bench and test extras
+        raise RuntimeError(
+            "the LoRA baseline needs PEFT: pip install peft (or paca[bench]), or leave "
+            "'lora' out of the methods"
+        ) from exc
+    return LoraConfig(
+        r=r,
+        lora_alpha=r,
+        lora_dropout=0.0,
+        target_modules=list(targets),
+        task_type=task_type,
+    )
+
+
+def _inputs_require_grad(model: nn.Module) -> None:
+    """Make the input embeddings' output require grad, so backward reaches layer 0."""
+
+    def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        output.requires_grad_(True)
+
+    model.get_input_embeddings().register_forward_hook(hook)
+
+
+def apply_method(
+    name: str,
+    model: nn.Module,
+    *,
+    r: int,
+    targets: Sequence[str],
+    backend: Backend,
+    seed: int = 0,
+    move_to_device: bool = True,
+) -> nn.Module:
+    """``model`` prepared for method ``name`` (see the module docstring); on ``backend``'s
+    device unless ``move_to_device`` is False (the CUDA micro-benchmark runs the CUDA
+    backend's code on CPU tensors in its smoke mode)."""
+    device = backend.device()
+    if name == "paca":
+        from paca import PacaConfig, wrap
+
+        pcfg = PacaConfig(r=r, target_modules=list(targets), seed=seed)
+        model = wrap(model, pcfg, backend=backend, move_to_device=move_to_device)
+    elif name == "lora":
+        from peft import get_peft_model
+
+        task = "CAUSAL_LM" if hasattr(model, "get_input_embeddings") else None
+        cfg = lora_config(r, targets, task)
+        model = get_peft_model(model.to(device) if move_to_device else model, cfg)
+    elif name == "full":
+        model.requires_grad_(True)
+    elif name == "frozen":
+        model.requires_grad_(False)
+        if hasattr(model, "get_input_embeddings"):
+            _inputs_require_grad(model)
+    else:
+        raise ValueError(f"unknown benchmark method {name!r}")
+    if move_to_device:
+        model = model.to(device)
+    model.train()
+    return model
+
+
 def build_base(config: BenchConfig) -> nn.Module:
     """The random-init LLaMA-style base model (same weights for every ``seed``)."""
     from transformers import LlamaForCausalLM
@@ -66,7 +139,7 @@ def build_base(config: BenchConfig) -> nn.Module:
     return model.to(torch_dtype(config.dtype))
 
 
-def _target_layers(model: nn.Module, targets: tuple[str, ...]) -> dict[str, nn.Module]:
+def target_layers(model: nn.Module, targets: Sequence[str]) -> dict[str, nn.Module]:
     """Outermost modules whose last name part is a target (adapter wrappers, not bases)."""
     found: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
@@ -75,64 +148,46 @@ def _target_layers(model: nn.Module, targets: tuple[str, ...]) -> dict[str, nn.M
     return found
 
 
+def adapted_weight_bytes(layers: dict[str, nn.Module]) -> int:
+    """Bytes of the base weights of ``layers`` (the weights an adapter adapts)."""
+    total = 0
+    for module in layers.values():
+        base = getattr(module, "base_layer", module)
+        weight = getattr(base, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            total += weight.numel() * weight.element_size()
+    return total
+
+
 def _count(model: nn.Module) -> tuple[int, int]:
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def _optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer | None:
+def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer | None:
+    """AdamW over the trainable parameters (None when nothing trains)."""
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=lr) if params else None
 
 
-def _inputs_require_grad(model: nn.Module) -> None:
-    def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
-        output.requires_grad_(True)
-
-    model.get_input_embeddings().register_forward_hook(hook)
-
-
 def build_method(name: str, config: BenchConfig, backend: Backend) -> MethodSetup:
     """Build ``name`` on ``backend``'s device from a fresh copy of the base weights."""
-    model = build_base(config)
-    device = backend.device()
-    if name == "paca":
-        from paca import PacaConfig, wrap
-
-        pcfg = PacaConfig(r=config.r, target_modules=list(config.targets), seed=config.seed)
-        model = wrap(model, pcfg, backend=backend)
-    elif name == "lora":
-        try:
-            from peft import LoraConfig, get_peft_model
-        except ImportError as exc:  # pragma: no cover - peft is a declared dependency
-            raise RuntimeError(
-                "the LoRA baseline needs PEFT: pip install peft, or leave 'lora' out of --methods"
-            ) from exc
-        lcfg = LoraConfig(
-            r=config.r,
-            lora_alpha=2 * config.r,
-            lora_dropout=0.0,
-            target_modules=list(config.targets),
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model.to(device), lcfg)
-    elif name == "full":
-        model.requires_grad_(True)
-    elif name == "frozen":
-        model.requires_grad_(False)
-        _inputs_require_grad(model)
-    else:
-        raise ValueError(f"unknown benchmark method {name!r}")
-    model = model.to(device)
-    model.train()
+    model = apply_method(
+        name,
+        build_base(config),
+        r=config.r,
+        targets=config.targets,
+        backend=backend,
+        seed=config.seed,
+    )
     trainable, total = _count(model)
     return MethodSetup(
         name=name,
         model=model,
-        optimizer=_optimizer(model, config.lr),
+        optimizer=make_optimizer(model, config.lr),
         trainable_params=trainable,
         total_params=total,
-        target_layers=_target_layers(model, config.targets),
+        target_layers=target_layers(model, config.targets),
     )
 
 

@@ -20,21 +20,91 @@ def _label(name: str) -> str:
     return _LABELS.get(name, name)
 
 
-def _mib(n: float | None) -> str:
-    return "–" if n is None else f"{n / MIB:,.1f}"
+def _mib(n: float | None, digits: int = 1) -> str:
+    return "–" if n is None else f"{n / MIB:,.{digits}f}"
 
 
 def _x(r: float | None) -> str:
     return "–" if r is None else f"{r:.3f}×"
 
 
+def _frac(r: float | None) -> str:
+    return "–" if r is None else f"{r:.4f}"
+
+
+def _paired_rows(result: dict[str, Any]) -> list[str]:
+    pairs = result.get("paired") or {}
+    if not pairs:
+        return []
+    lines = [
+        "",
+        "Paired rounds (each round times every method once, in rotating order; the ratio "
+        "is taken within a round, so load from elsewhere mostly cancels):",
+        "",
+        "| step time | rounds | median per-round ratio | IQR | min–max | rounds below 1 "
+        "| ratio of fastest steps |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, pr in pairs.items():
+        a, b = key.split("/")
+        lines.append(
+            f"| {_label(a)} / {_label(b)} | {pr['rounds']} | {pr['median']:.3f} "
+            f"| {pr['q1']:.3f}–{pr['q3']:.3f} | {pr['min']:.3f}–{pr['max']:.3f} "
+            f"| {pr['rounds_below_1']} | {_x(pr.get('ratio_of_minima'))} |"
+        )
+    return lines
+
+
+def _traffic_rows(result: dict[str, Any]) -> list[str]:
+    methods = result["methods"]
+    if not any(m.get("write_traffic") for m in methods.values()):
+        return []
+    extra = result.get("write_traffic_vs_frozen") or {}
+    weights = next((m.get("adapted_weight_bytes") for m in methods.values()), None)
+    lines = [
+        "",
+        "Write traffic: bytes written by aten ops in one training step (counted at "
+        "dispatch: new outputs and in-place writes; indexed writes by their source's size)"
+        + (f"; the adapted weights are {_mib(weights)} MiB" if weights else "")
+        + ":",
+        "",
+        "| method | forward MiB | backward MiB | optimizer MiB | step MiB "
+        "| beyond frozen, fwd+bwd MiB | ÷ adapted weights | beyond frozen, step MiB "
+        "| ÷ adapted weights |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, m in methods.items():
+        t = m.get("write_traffic")
+        if not t:
+            continue
+        e = extra.get(name) or {}
+        lines.append(
+            f"| {_label(name)} | {_mib(t['forward_bytes'])} | {_mib(t['backward_bytes'])} "
+            f"| {_mib(t['optimizer_bytes'])} | {_mib(t['total_bytes'])} "
+            f"| {_mib(e.get('extra_fwd_bwd_bytes'), 2)} "
+            f"| {_frac(e.get('extra_fwd_bwd_fraction'))} "
+            f"| {_mib(e.get('extra_step_bytes'), 2)} | {_frac(e.get('extra_step_fraction'))} |"
+        )
+    return lines
+
+
+_METRICS = {
+    "step_time_s": "step time (paired per-round median)",
+    "saved_activation_bytes": "saved activation bytes",
+    "max_seq": "max seq",
+    "extra_write_fraction": "bytes written (fwd+bwd) beyond the frozen bound ÷ adapted weights",
+}
+
+
 def _fmt_target(t: dict[str, Any]) -> str:
-    metric = t["metric"].replace("_", " ")
+    metric = _METRICS.get(t["metric"], t["metric"].replace("_", " "))
     if t["op"] == "within":
         want = f"within ±{100 * t['value']:.0f}% of {_label(t['vs'])}"
+    elif t["metric"] == "extra_write_fraction":
+        want = f"{t['op']} {t['value']}"
     else:
         want = f"{t['op']} {t['value']}× {_label(t['vs'])}"
-    got = _x(t["measured"])
+    got = _x(t["measured"]) if t["metric"] != "extra_write_fraction" else _frac(t["measured"])
     verdict = {True: "met", False: "**missed**", None: "not measured"}[t["met"]]
     return f"| {metric} | {want} | {got} | {verdict} |"
 
@@ -88,17 +158,11 @@ def markdown_report(result: dict[str, Any]) -> str:
                 f"| {_x(r['saved_activation_bytes'])} | {_x(r['peak_bytes'])} "
                 f"| {_x(r['max_seq'])} |"
             )
-    paired = result.get("paired_paca_vs_lora")
-    if paired:
-        lines += [
-            "",
-            f"Paired rounds: PaCA/LoRA step-time ratio median {paired['median']:.3f}; PaCA "
-            f"faster in {paired['rounds_paca_faster']} of {paired['rounds']} rounds; ratio of "
-            f"the fastest steps {_x(paired.get('ratio_of_minima'))}.",
-        ]
+    lines += _paired_rows(result)
+    lines += _traffic_rows(result)
     lines += [
         "",
-        "Targets (from the issue; reported, not asserted):",
+        "Targets (from the issues; reported, not asserted):",
         "",
         "| metric | target | PaCA measured | result |",
         "|---|---|---:|---|",
@@ -108,8 +172,9 @@ def markdown_report(result: dict[str, Any]) -> str:
 
 
 def plot_chart(result: dict[str, Any], path: str | Path) -> Path:
-    """A 2×2 bar chart: step time (median, min–max whiskers), saved activations, peak
-    memory and max sequence length, one bar per method."""
+    """Bar charts, one bar per method: step time (median, min–max whiskers), saved
+    activations, peak memory, max sequence length and (when counted) bytes written per
+    step."""
     try:
         import matplotlib
     except ImportError as exc:
@@ -123,7 +188,8 @@ def plot_chart(result: dict[str, Any], path: str | Path) -> Path:
     labels = [_label(n) for n in names]
     colors = {"paca": "#1b9e77", "lora": "#d95f02", "full": "#7570b3", "frozen": "#999999"}
     col = [colors.get(n, "#444444") for n in names]
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    traffic = all(methods[n].get("write_traffic") for n in names)
+    fig, axes = plt.subplots(2, 3 if traffic else 2, figsize=(14 if traffic else 10, 7))
     med = [1e3 * methods[n]["step_time_s"]["median"] for n in names]
     lo = [m - 1e3 * methods[n]["step_time_s"]["min"] for m, n in zip(med, names, strict=True)]
     hi = [1e3 * methods[n]["step_time_s"]["max"] - m for m, n in zip(med, names, strict=True)]
@@ -143,6 +209,16 @@ def plot_chart(result: dict[str, Any], path: str | Path) -> Path:
             None,
         ),
     ]
+    if traffic:
+        panels.append(
+            (
+                axes[0][2],
+                [methods[n]["write_traffic"]["total_bytes"] / MIB for n in names],
+                "bytes written per step, MiB",
+                None,
+            )
+        )
+        axes[1][2].axis("off")
     for ax, values, title, err in panels:
         bars = ax.bar(labels, values, color=col, yerr=err, capsize=4 if err else 0)
         ax.set_title(title)

@@ -16,9 +16,10 @@ def add_parser(sub: Any) -> None:
         "bench",
         help="benchmark PaCA against LoRA, full fine-tuning and the frozen base",
         description=(
-            "Measure step time, saved activations, peak memory, optimizer state, throughput "
-            "and the max sequence length under a memory budget for each method, interleaved "
-            "and repeated in one process. Writes bench.json, bench.md and bench.png."
+            "Measure step time (interleaved rounds, paired per-round ratios), saved "
+            "activations, peak memory, optimizer state, bytes written per step, throughput "
+            "and the max sequence length under a memory budget for each method, in one "
+            "process. Writes bench.json, bench.md and bench.png."
         ),
     )
     preset = p.add_mutually_exclusive_group()
@@ -39,12 +40,19 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per method")
-    p.add_argument("--repeats", type=int, default=None, help="timed steps per method")
+    p.add_argument(
+        "--repeats", type=int, default=None, help="timed rounds (one step of each method each)"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument(
         "--budget-gib", type=float, default=None, help="memory budget for max seq (default 8)"
     )
     p.add_argument("--seq-points", default=None, help="comma list of probe lengths (CPU fit)")
+    p.add_argument(
+        "--no-traffic",
+        action="store_true",
+        help="skip counting the bytes each method's step writes (one untimed step each)",
+    )
     p.add_argument(
         "--from-json",
         default=None,
@@ -69,6 +77,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     if args.targets:
         out["targets"] = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    if args.no_traffic:
+        out["traffic"] = False
     if args.budget_gib is not None:
         out["budget_bytes"] = int(args.budget_gib * GIB)
     if args.seq_points:
@@ -83,9 +93,12 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    output_folder(args.out, "--out", "bench.json, bench.md and bench.png")  # before, not after
+    if args.from_json:
+        input_file(args.from_json, "--from-json", "a bench.json written by paca bench")
+    overrides = _overrides(args)
     from paca.bench import preset, run_benchmark, total_units, write_outputs
 
-    output_folder(args.out, "--out", "bench.json, bench.md and bench.png")  # before, not after
     if args.from_json:
         return _rerender(args)
     import importlib.util
@@ -95,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_chart and importlib.util.find_spec("matplotlib") is None:
         raise RuntimeError(NO_MATPLOTLIB)  # say so now, not after the whole run
     name = "quick" if args.quick else (args.preset or "default")
-    config = preset(name, **_overrides(args))
+    config = preset(name, **overrides)
     bar = None
     if not args.no_progress:
         from tqdm import tqdm
