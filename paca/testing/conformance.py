@@ -12,7 +12,8 @@ not declare ``"bfloat16"``) is skipped with the reason. Without an overriding fi
 backend comes from ``--paca-backend NAME`` (with ``-p paca.testing.pytest_plugin``) or the
 ``PACA_CONFORMANCE_BACKEND`` environment variable. Override ``paca_device`` to test a
 device other than ``backend.device()``, and ``paca_conformance_options`` to pass
-``tolerances=`` or ``run_compile=False``.
+``tolerances=``, ``run_compile=False``, ``seed=``, ``generated=`` or ``extra_shapes=``
+(your own :class:`paca.testing.LinearShape` / :class:`paca.testing.ConvShape`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,13 @@ import pytest
 
 from paca.backend_abc import Backend
 from paca.testing import CONTRACT
-from paca.testing.report import make_context, resolve_backend, result_without_instance, run_item
+from paca.testing.report import (
+    API_LABEL,
+    make_context,
+    resolve_backend,
+    result_without_instance,
+    run_item,
+)
 
 ENV_VAR = "PACA_CONFORMANCE_BACKEND"
 
@@ -57,7 +64,8 @@ def paca_device() -> Any:
 
 @pytest.fixture
 def paca_conformance_options() -> dict[str, Any]:
-    """Extra keywords for the check context: ``tolerances``, ``run_compile``, ``seed``."""
+    """Extra keywords for the check context: ``tolerances``, ``run_compile``, ``seed``,
+    ``generated``, ``extra_shapes``."""
     return {}
 
 
@@ -80,8 +88,9 @@ def test_paca_contract(
     if result.status == "skipped":
         pytest.skip(f"{paca_contract_item}: {result.message}")
     if result.status == "failed":
+        member = f" in {result.member}" if result.member else ""
         pytest.fail(
-            f"backend {found.cls.name!r} breaks contract item {paca_contract_item!r} "
-            f"({result.title}): {result.message}",
+            f"backend {found.cls.name!r} breaks contract item {paca_contract_item!r}{member} "
+            f"({result.title}; {API_LABEL}): {result.message}",
             pytrace=False,
         )

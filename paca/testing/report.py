@@ -1,4 +1,5 @@
-"""Run the contract against a backend and report, item by item, what passed and why not."""
+"""Run the contract against a backend and report, item by item, what passed and why not
+(and for a failure, which backend member broke)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from typing import Literal
 
 import torch
 
-from paca.backend_abc import Backend, BackendUnavailableError
+from paca.backend_abc import BACKEND_API_VERSION, Backend, BackendUnavailableError
+from paca.testing._cases import ConvShape, LinearShape, as_shape
 from paca.testing._contract import (
     CONTRACT,
     TOLERANCES,
@@ -21,7 +23,10 @@ from paca.testing._contract import (
 Status = Literal["passed", "failed", "skipped"]
 
 #: Items that still run when the backend is unavailable on this machine.
-_WITHOUT_DEVICE = ("api", "availability")
+_WITHOUT_DEVICE = ("api", "availability", "entry_point")
+
+#: What the report says the backend was checked against.
+API_LABEL = f"backend API v{BACKEND_API_VERSION[0]}.{BACKEND_API_VERSION[1]}"
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,11 @@ class CheckResult:
     title: str
     status: Status
     message: str = ""
+    #: The backend member blamed for a failure (``"delta_grad"``, ``"capabilities"`` ...),
+    #: None when the item passed, was skipped, or the failure is nobody's member.
+    member: str | None = None
+    #: Every member blamed (an item checking several members may blame more than one).
+    members: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         tail = f": {self.message}" if self.message else ""
@@ -49,6 +59,8 @@ class ConformanceReport:
     backend: str
     device: str
     results: list[CheckResult] = field(default_factory=list)
+    #: The backend API version of this paca, which the backend was checked against.
+    api_version: tuple[int, int] = BACKEND_API_VERSION
 
     @property
     def failed(self) -> list[CheckResult]:
@@ -76,7 +88,8 @@ class ConformanceReport:
     def summary(self) -> str:
         head = (
             f"paca backend conformance: {self.backend!r} on {self.device}: "
-            f"{len(self.passed)} passed, {len(self.failed)} failed, {len(self.skipped)} skipped"
+            f"{len(self.passed)} passed, {len(self.failed)} failed, {len(self.skipped)} skipped "
+            f"(checked against backend API v{self.api_version[0]}.{self.api_version[1]})"
         )
         return "\n".join([head, *(f"  {r}" for r in self.results)])
 
@@ -86,8 +99,19 @@ class ConformanceReport:
         if self.failed:
             lines = "\n".join(f"  {r.item}: {r.message}" for r in self.failed)
             raise ConformanceError(
-                f"backend {self.backend!r} breaks {len(self.failed)} contract item(s):\n{lines}"
+                f"backend {self.backend!r} breaks {len(self.failed)} contract item(s) "
+                f"({API_LABEL}):\n{lines}"
             )
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-ready: backend, device, api_version, ok and every result."""
+        return {
+            "backend": self.backend,
+            "device": self.device,
+            "api_version": list(self.api_version),
+            "ok": self.ok,
+            "results": [{**vars(r), "members": list(r.members)} for r in self.results],
+        }
 
 
 @dataclass
@@ -136,7 +160,12 @@ def run_item(item_id: str, ctx: CheckContext) -> CheckResult:
     except ContractSkip as exc:
         return CheckResult(item.id, item.title, "skipped", str(exc))
     except ContractViolation as exc:
-        return CheckResult(item.id, item.title, "failed", str(exc))
+        members = getattr(exc, "members", ()) or (
+            (exc.member,) if getattr(exc, "member", None) else ()
+        )
+        return CheckResult(
+            item.id, item.title, "failed", str(exc), getattr(exc, "member", None), tuple(members)
+        )
     except Exception as exc:
         where = traceback.extract_tb(exc.__traceback__)[-1]
         return CheckResult(
@@ -156,18 +185,38 @@ def make_context(
     tolerances: dict[torch.dtype, float] | None = None,
     run_compile: bool = True,
     seed: int = 0,
+    extra_shapes: Iterable[LinearShape | ConvShape | dict] = (),
+    generated: int = 6,
 ) -> CheckContext:
-    from paca_cpu import CPUBackend
-
     return CheckContext(
         backend=backend,
         device=torch.device(device) if device is not None else backend.device(),
-        reference=CPUBackend(),
         tolerances={**TOLERANCES, **(tolerances or {})},
         seed=seed,
         registered=registered,
         run_compile=run_compile,
+        extra_shapes=tuple(as_shape(s) for s in extra_shapes),
+        generated=generated,
     )
+
+
+def expand_items(items: Iterable[str] | None) -> list[str]:
+    """Item ids, where a family name (``"shapes"``) stands for all its ids (``shapes[...]``)."""
+    if items is None:
+        return list(CONTRACT)
+    chosen: list[str] = []
+    unknown = []
+    for item in items:
+        family = [i for i in CONTRACT if i.split("[")[0] == item]
+        if item in CONTRACT:
+            chosen.append(item)
+        elif family:
+            chosen += family
+        else:
+            unknown.append(item)
+    if unknown:
+        raise KeyError(f"unknown contract items {unknown}; known: {', '.join(CONTRACT)}")
+    return list(dict.fromkeys(chosen))
 
 
 def check_backend(
@@ -178,33 +227,38 @@ def check_backend(
     tolerances: dict[torch.dtype, float] | None = None,
     run_compile: bool = True,
     seed: int = 0,
+    extra_shapes: Iterable[LinearShape | ConvShape | dict] = (),
+    generated: int = 6,
 ) -> ConformanceReport:
     """Check ``backend`` (a registered name, a class or an instance) against every contract
     item and return a :class:`ConformanceReport`; never raises for a broken backend.
 
-    ``device`` defaults to ``backend.device()``. ``items`` picks contract item ids (see
-    :data:`paca.testing.CONTRACT`); ``tolerances`` overrides :data:`TOLERANCES` per dtype;
-    ``run_compile=False`` skips the torch.compile item (the slowest). An unavailable
-    backend gets its ``api`` and ``availability`` items checked and the rest skipped with
+    ``device`` defaults to ``backend.device()``. ``items`` picks contract item ids or
+    families (``"shapes"`` = every ``shapes[...]``; see :data:`paca.testing.CONTRACT`);
+    ``tolerances`` overrides :data:`TOLERANCES` per dtype; ``run_compile=False`` skips the
+    torch.compile item (the slowest); ``extra_shapes`` adds the vendor's own
+    :class:`~paca.testing.LinearShape` / :class:`~paca.testing.ConvShape` (or dicts of their
+    fields) to the ``shapes[...]`` items; ``generated`` is how many shapes hypothesis
+    (when installed) generates per family. An unavailable backend gets its declaration
+    items (``api``, ``availability``, ``entry_point``) checked and the rest skipped with
     the reason.
     """
-    chosen = list(CONTRACT) if items is None else list(items)
-    unknown = [i for i in chosen if i not in CONTRACT]
-    if unknown:
-        raise KeyError(f"unknown contract items {unknown}; known: {', '.join(CONTRACT)}")
+    chosen = expand_items(items)
+    shapes = tuple(as_shape(s) for s in extra_shapes)  # a bad shape is the caller's mistake
     found = resolve_backend(backend)
     if found.instance is None:
         return _report_without_instance(found, chosen)
-    instance, registered = found.instance, found.registered
     ctx = make_context(
-        instance,
+        found.instance,
         device,
-        registered=registered,
+        registered=found.registered,
         tolerances=tolerances,
         run_compile=run_compile,
         seed=seed,
+        extra_shapes=shapes,
+        generated=generated,
     )
-    report = ConformanceReport(instance.name, str(ctx.device))
+    report = ConformanceReport(found.instance.name, str(ctx.device))
     for item_id in chosen:
         report.results.append(run_item(item_id, ctx))
     return report
@@ -218,7 +272,7 @@ def result_without_instance(found: _Resolved, item_id: str) -> CheckResult:
         try:
             return run_item(item_id, declarations_context(found.cls))
         except ContractViolation as exc:
-            return CheckResult(item_id, item.title, "failed", str(exc))
+            return CheckResult(item_id, item.title, "failed", str(exc), exc.member)
     if found.broken:
         return CheckResult(item_id, item.title, "failed", found.reason)
     return CheckResult(item_id, item.title, "skipped", f"unavailable: {found.reason}")
