@@ -153,6 +153,6 @@ def test_check_runs_the_conformance_suite_and_fails_on_a_broken_plugin(capsys, p
     code, out = run_cli(capsys, "--check", "sloppy", "--no-compile")
     assert code == 1
     assert out.startswith("paca backend conformance: 'sloppy' on cpu:")
-    assert "FAILED  write_columns[float32]: write_columns (2-D weight): must be exact" in out
-    assert "FAILED  merge_unmerge[float32]" in out  # merge goes through write_columns
-    assert "PASSED  op_forward[float32]" in out and "SKIPPED compile" in out
+    failed = [line for line in out.splitlines() if line.lstrip().startswith("FAILED")]
+    assert failed and any("write_columns" in line for line in failed)  # names the member
+    assert "PASSED" in out and "SKIPPED compile" in out

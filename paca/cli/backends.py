@@ -81,16 +81,16 @@ def gather(explicit: str | None = None) -> Listing:
         infos = reg.infos()
         errors = reg.plugin_errors()
         blocked = reg.blocked()
-        auto = reg.auto_selection()  # constructs the winner: a broken one is skipped
         by_name = {i.name: i for i in infos}
         problem = None
         if explicit is not None:
             selected, why = explicit, "explicit (--backend)"
         else:
-            try:
+            try:  # auto-detection constructs its pick; one that fails is skipped
                 selected, why = reg.selection()
             except Exception as exc:  # nothing available at all is still worth listing
                 selected, why, problem = None, "none", str(exc)
+        auto = reg.last_auto_selection()  # None unless auto-detection ran
         if selected is not None and problem is None:
             info = by_name.get(selected)
             if info is None:
@@ -131,8 +131,8 @@ def gather(explicit: str | None = None) -> Listing:
         ],
         blocked=blocked,
         autoload_disabled=reg.autoload_disabled(),
-        skipped=list(auto.skipped),
-        ties=list(auto.ties),
+        skipped=list(auto.skipped) if auto is not None else [],
+        ties=list(auto.ties) if auto is not None else [],
         entry_point_mismatches=mismatches,
     )
 

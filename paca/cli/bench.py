@@ -27,7 +27,11 @@ def add_parser(sub: Any) -> None:
     preset.add_argument("--preset", default=None, help="default, quick or tiny (default: default)")
     p.add_argument("--backend", default=None, help="cpu, cuda, hpu, a plugin's name, or auto")
     p.add_argument("--out", default="bench-out", help="output folder (default: bench-out)")
-    p.add_argument("--methods", default=None, help="comma list of paca,lora,full,frozen")
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="comma list of paca,lora,full,frozen (default) and qpaca,qlora (4-bit NF4 base)",
+    )
     p.add_argument("--hidden", type=int, default=None)
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--heads", type=int, default=None)
