@@ -9,6 +9,10 @@ from typing import Any
 #: Methods in the order tables and charts show them. ``frozen`` is the lower bound:
 #: the same network with every weight frozen, backpropagated to its input embeddings.
 METHODS = ("paca", "lora", "full", "frozen")
+#: Methods on a 4-bit NF4 base (bitsandbytes), opt-in with ``methods=``: QPaCA
+#: (paca.quantize_nf4 + paca.wrap) and QLoRA (the same 4-bit layers + PEFT LoRA).
+QUANTIZED_METHODS = ("qpaca", "qlora")
+KNOWN_METHODS = METHODS + QUANTIZED_METHODS
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -52,9 +56,9 @@ class BenchConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.methods) - set(METHODS))
+        unknown = sorted(set(self.methods) - set(KNOWN_METHODS))
         if unknown:
-            raise ValueError(f"unknown benchmark method(s) {unknown}; known: {list(METHODS)}")
+            raise ValueError(f"unknown benchmark method(s) {unknown}; known: {list(KNOWN_METHODS)}")
         if not self.methods:
             raise ValueError("choose at least one benchmark method")
         if self.dtype not in ("float32", "bfloat16", "float16"):

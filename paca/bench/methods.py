@@ -35,6 +35,8 @@ DESCRIPTIONS = {
     "lora": "PEFT LoRA, same r and targets, alpha = r, dropout 0",
     "full": "full fine-tuning, all weights trained",
     "frozen": "frozen base, grads to input embeddings only (lower bound)",
+    "qpaca": "QPaCA: NF4 base (paca.quantize_nf4, double quant) + paca.wrap, same r and targets",
+    "qlora": "QLoRA: the same NF4 layers + PEFT LoRA (its bitsandbytes layers), alpha = r",
 }
 
 
@@ -95,6 +97,11 @@ def apply_method(
     device unless ``move_to_device`` is False (the CUDA micro-benchmark runs the CUDA
     backend's code on CPU tensors in its smoke mode)."""
     device = backend.device()
+    if name in ("qpaca", "qlora"):  # every linear but the head to NF4, then PaCA / LoRA
+        from paca.layers_quant import quantize_nf4
+
+        model = quantize_nf4(model, device=device if move_to_device else None)
+        name = name[1:]
     if name == "paca":
         from paca import PacaConfig, wrap
 
@@ -159,9 +166,31 @@ def adapted_weight_bytes(layers: dict[str, nn.Module]) -> int:
     return total
 
 
+def _numel(p: torch.Tensor) -> int:
+    """Logical parameter count: a packed 4-bit weight counts its ``out×in`` values."""
+    state = getattr(p, "quant_state", None)
+    return int(state.shape[0]) * int(state.shape[1]) if state is not None else p.numel()
+
+
 def _count(model: nn.Module) -> tuple[int, int]:
     params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    return sum(_numel(p) for p in params if p.requires_grad), sum(_numel(p) for p in params)
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of the whole model as stored: parameters, buffers and 4-bit quantization state
+    (scales and codes, which bitsandbytes keeps outside parameters and buffers)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    for p in model.parameters():
+        state = getattr(p, "quant_state", None)
+        if state is not None:
+            tensors += [t for t in (state.absmax, state.code) if isinstance(t, torch.Tensor)]
+            if state.state2 is not None:
+                tensors += [state.state2.absmax, state.state2.code]
+    seen: dict[int, int] = {}
+    for t in tensors:
+        seen[int(t.untyped_storage().data_ptr()) or id(t)] = int(t.untyped_storage().nbytes())
+    return sum(seen.values())
 
 
 def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer | None:

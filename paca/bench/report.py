@@ -13,7 +13,14 @@ NO_MATPLOTLIB = (
     "or pass --no-chart"
 )
 
-_LABELS = {"paca": "PaCA", "lora": "LoRA", "full": "Full FT", "frozen": "Frozen (bound)"}
+_LABELS = {
+    "paca": "PaCA",
+    "lora": "LoRA",
+    "full": "Full FT",
+    "frozen": "Frozen (bound)",
+    "qpaca": "QPaCA (NF4)",
+    "qlora": "QLoRA (NF4)",
+}
 
 
 def _label(name: str) -> str:
@@ -160,6 +167,7 @@ def markdown_report(result: dict[str, Any]) -> str:
             )
     lines += _paired_rows(result)
     lines += _traffic_rows(result)
+    lines += _quantized_rows(result)
     lines += [
         "",
         "Targets (from the issues; reported, not asserted):",
@@ -169,6 +177,43 @@ def markdown_report(result: dict[str, Any]) -> str:
         *(_fmt_target(t) for t in result["targets"]),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _quantized_rows(result: dict[str, Any]) -> list[str]:
+    """QPaCA vs QLoRA on the same 4-bit NF4 layers (when both ran)."""
+    methods = result["methods"]
+    if "qpaca" not in methods or "qlora" not in methods:
+        return []
+    pair = (result.get("paired") or {}).get("qpaca/qlora") or {}
+    lines = [
+        "",
+        "4-bit NF4 base (QPaCA vs QLoRA, same quantized layers):",
+        "",
+        "| method | step time median | saved activations MiB | peak MiB | trainable MiB "
+        "| model MiB | bytes/param |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in ("qpaca", "qlora"):
+        m = methods[name]
+        mem = m["memory"]
+        lines.append(
+            f"| {_label(name)} | {1e3 * m['step_time_s']['median']:.1f} ms "
+            f"| {_mib(mem['saved_activation_bytes'])} | {_mib(mem['peak_bytes'])} "
+            f"| {_mib(m.get('trainable_bytes'))} | {_mib(m.get('model_bytes'))} "
+            f"| {m.get('bytes_per_param', float('nan')):.3f} |"
+        )
+    qp, ql = methods["qpaca"], methods["qlora"]
+    lines += [
+        "",
+        f"QPaCA / QLoRA: step time {_x(pair.get('median'))} (median of per-round ratios), "
+        f"saved activations {_x(_div(qp['memory']['saved_activation_bytes'], ql['memory']['saved_activation_bytes']))}, "
+        f"peak {_x(_div(qp['memory']['peak_bytes'], ql['memory']['peak_bytes']))}.",
+    ]
+    return lines
+
+
+def _div(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
 
 
 def plot_chart(result: dict[str, Any], path: str | Path) -> Path:
@@ -187,6 +232,7 @@ def plot_chart(result: dict[str, Any], path: str | Path) -> Path:
     names = list(methods)
     labels = [_label(n) for n in names]
     colors = {"paca": "#1b9e77", "lora": "#d95f02", "full": "#7570b3", "frozen": "#999999"}
+    colors.update({"qpaca": "#66a61e", "qlora": "#e6ab02"})
     col = [colors.get(n, "#444444") for n in names]
     traffic = all(methods[n].get("write_traffic") for n in names)
     fig, axes = plt.subplots(2, 3 if traffic else 2, figsize=(14 if traffic else 10, 7))

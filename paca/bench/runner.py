@@ -18,6 +18,7 @@ from paca.bench.methods import (
     adapted_weight_bytes,
     build_method,
     make_batch,
+    model_bytes,
     train_step,
 )
 from paca.bench.seqlen import computed_max_seq, searched_max_seq
@@ -39,7 +40,7 @@ TARGETS: list[dict[str, Any]] = [
 ]
 
 #: Method pairs whose step times are compared round by round.
-PAIRS = (("paca", "frozen"), ("paca", "lora"), ("lora", "frozen"))
+PAIRS = (("paca", "frozen"), ("paca", "lora"), ("lora", "frozen"), ("qpaca", "qlora"))
 
 Progress = Callable[[str, int], None]
 
@@ -222,6 +223,11 @@ def run_benchmark(config: BenchConfig, progress: Progress | None = None) -> dict
             "trainable_params": setup.trainable_params,
             "total_params": setup.total_params,
             "adapted_weight_bytes": adapted_weight_bytes(setup.target_layers),
+            "trainable_bytes": sum(
+                p.numel() * p.element_size() for p in setup.model.parameters() if p.requires_grad
+            ),
+            "model_bytes": model_bytes(setup.model),
+            "bytes_per_param": model_bytes(setup.model) / max(setup.total_params, 1),
             "step_time_s": times[setup.name],
             "memory": main,
             "memory_probes": probes,
