@@ -11,7 +11,10 @@ from transformers.pytorch_utils import Conv1D
 from paca.tiny import (
     BOS_ID,
     EOS_ID,
+    IMAGE_MODELS,
     PAD_ID,
+    PRETRAINED,
+    RANDOM_INIT_MODELS,
     TINY_MODELS,
     VOCAB_SIZE,
     build_tiny,
@@ -144,7 +147,7 @@ def test_vit_returns_loss() -> None:
     assert torch.isfinite(out.loss)
 
 
-@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+@pytest.mark.parametrize("name", sorted(RANDOM_INIT_MODELS))
 def test_builders_are_deterministic_and_keep_global_rng(name: str) -> None:
     torch.manual_seed(123)
     expected = torch.rand(3)
@@ -158,9 +161,26 @@ def test_builders_are_deterministic_and_keep_global_rng(name: str) -> None:
 def test_build_tiny_overrides_and_unknown_name() -> None:
     model = build_tiny("tiny-llama", hidden=32, layers=1, intermediate=64)
     assert model.config.hidden_size == 32 and model.config.num_hidden_layers == 1
-    assert set(TINY_MODELS) == {"tiny-llama", "tiny-gpt2", "tiny-vit"}
+    assert set(RANDOM_INIT_MODELS) == {"tiny-llama", "tiny-gpt2", "tiny-vit"}
+    assert set(TINY_MODELS) == set(RANDOM_INIT_MODELS) | set(PRETRAINED)
     with pytest.raises(ValueError, match="tiny-llama"):
         build_tiny("huge-llama")
+
+
+@pytest.mark.parametrize("name", PRETRAINED)
+def test_pretrained_builders_are_deterministic_and_keep_global_rng(name: str) -> None:
+    """The checkpoint is the same for every seed; a new classifier head follows the seed."""
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    a = build_tiny(name, seed=0)
+    assert torch.equal(torch.rand(3), expected)
+    assert _same_weights(a, build_tiny(name, seed=1))  # the pretrained weights, whatever the seed
+    if name in IMAGE_MODELS:
+        assert not _same_weights(a, build_tiny(name, seed=1, new_head=True))
+        assert _same_weights(
+            build_tiny(name, seed=1, new_head=True), build_tiny(name, seed=1, new_head=True)
+        )
 
 
 # --- data --------------------------------------------------------------------------

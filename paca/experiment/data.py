@@ -1,8 +1,10 @@
 """Load an experiment's examples and turn them into fixed-shape model inputs.
 
 Sources: the built-in generated sets (``paca.tiny/instructions``, ``paca.tiny/images``),
-local JSONL/JSON/CSV files, folders written by ``datasets``' ``save_to_disk``, and hub
-dataset ids (through ``datasets.load_dataset``). Rows stay as they are loaded and are
+real data shipped by installed packages (``paca.data/digits:5-9``, ``paca.data/python-docs``,
+``paca.data/python-code``: see :mod:`paca.experiment.sources`), local JSONL/JSON/CSV
+files, folders written by ``datasets``' ``save_to_disk``, and hub dataset ids (through
+``datasets.load_dataset``). Rows stay as they are loaded and are
 converted one at a time, so a large image set is never decoded all at once.
 """
 
@@ -18,6 +20,7 @@ from typing import Any
 
 import torch
 
+from paca.experiment import sources
 from paca.experiment.schema import DataSection, ExperimentError
 
 BUILTIN_TEXT = "paca.tiny/instructions"
@@ -107,6 +110,8 @@ def _datasets_module(what: str) -> Any:
 
 def _load_source(source: str, section: DataSection, split: str) -> Any:
     """Rows of ``source`` (a list or a ``datasets.Dataset``)."""
+    if sources.is_real_source(source):
+        return _real(source, section, split)[0]
     path = Path(source).expanduser()
     if path.suffix in _FILE_SUFFIXES or source.startswith((".", "/", "~")) or path.exists():
         if path.is_file():
@@ -135,7 +140,7 @@ def _load_source(source: str, section: DataSection, split: str) -> Any:
     except Exception as exc:  # the hub client raises many types; the message says it all
         raise DatasetNotFoundError(
             f"dataset {source!r} could not be loaded. Looked for: a built-in set "
-            f"({', '.join(BUILTINS)}), a local file or folder {path.resolve()} (does not "
+            f"({', '.join(BUILTINS + tuple(sources.source_names()))}), a local file or folder {path.resolve()} (does not "
             f"exist), and the hub dataset {source!r} (split {split!r}): {exc}"
         ) from exc
 
@@ -170,8 +175,37 @@ def _count_labels(rows: Any, section: DataSection) -> int:
     return max(int(r[name]) for r in rows) + 1 if name else 0
 
 
+def _real(name: str, section: DataSection, split: str) -> tuple[list[dict[str, Any]], int]:
+    """Rows and class count of a shipped real data set; errors become experiment errors."""
+    try:
+        return sources.load_source(name, split, section.seq_len)
+    except sources.UnknownSourceError as exc:
+        raise ExperimentError(str(exc)) from None
+
+
+def _real_splits(section: DataSection, seed: int) -> Splits:
+    """``[data].train`` is a shipped real set: its fixed splits, eval ``test`` by default."""
+    train, labels = _real(section.train, section, section.train_split)
+    evaluation: Any
+    if section.eval:
+        if section.eval in BUILTINS:
+            raise ExperimentError(
+                "[data].eval may name a generated set only when [data].train is one"
+            )
+        evaluation = _load_source(section.eval, section, section.eval_split or "test")
+    elif section.eval_fraction > 0:
+        train, evaluation = _split_off(train, section.eval_fraction, seed)
+    else:
+        evaluation = _real(section.train, section, section.eval_split or "test")[0]
+    train = _cap(train, section.max_train_samples)
+    evaluation = _cap(evaluation, section.max_eval_samples)
+    return Splits(train, evaluation, section.num_labels or labels)
+
+
 def load_splits(section: DataSection, seed: int) -> Splits:
     """Load train and eval rows as the ``[data]`` section says."""
+    if sources.is_real_source(section.train):
+        return _real_splits(section, seed)
     train_n, eval_n = section.max_train_samples, section.max_eval_samples
     if section.train in BUILTINS:
         builtin_labels = section.num_labels or 10

@@ -84,7 +84,7 @@ def load_model(section: ModelSection, seed: int = 0, num_labels: int = 0) -> Loa
 
 
 def _load_tiny(section: ModelSection, seed: int, num_labels: int) -> LoadedModel:
-    from paca.tiny import TINY_MODELS, build_tiny, byte_tokenizer
+    from paca.tiny import IMAGE_MODELS, TINY_MODELS, build_tiny, byte_tokenizer
 
     short = section.name[len(TINY_PREFIX) :]
     if short not in TINY_MODELS:
@@ -95,7 +95,7 @@ def _load_tiny(section: ModelSection, seed: int, num_labels: int) -> LoadedModel
     options = dict(section.options)
     if section.attn_implementation:
         options.setdefault("attn_implementation", section.attn_implementation)
-    is_vit = short == "tiny-vit"
+    is_vit = short in IMAGE_MODELS  # tiny-vit and the shipped digits classifiers
     if is_vit and num_labels:
         options.setdefault("num_labels", num_labels)
     try:

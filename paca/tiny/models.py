@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # model classes are imported on first build: keeps `import pa
         ViTForImageClassification,
     )
 
+from .pretrained import PRETRAINED, pretrained_builder
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
 
 #: Attention kernel used unless a caller asks otherwise. "sdpa" is supported by all
@@ -236,12 +237,20 @@ def tiny_vit(
     return build_from_config(ViTForImageClassification, config, seed)
 
 
-#: Builders by the name an experiment file uses, e.g. ``model = "tiny-llama"``.
-TINY_MODELS: dict[str, Callable[..., nn.Module]] = {
+#: Random-init builders by the name an experiment file uses, e.g. ``"paca.tiny/tiny-llama"``.
+RANDOM_INIT_MODELS: dict[str, Callable[..., nn.Module]] = {
     "tiny-llama": tiny_llama,
     "tiny-gpt2": tiny_gpt2,
     "tiny-vit": tiny_vit,
 }
+#: Every builder by name: the random-init ones and the shipped pretrained checkpoints
+#: (``digits-cnn``, ``digits-vit``, ``code-llama``; see :mod:`paca.tiny.pretrained`).
+TINY_MODELS: dict[str, Callable[..., nn.Module]] = {
+    **RANDOM_INIT_MODELS,
+    **{name: pretrained_builder(name) for name in PRETRAINED},
+}
+#: The names of :data:`TINY_MODELS` that are image classifiers (the rest are causal LMs).
+IMAGE_MODELS = frozenset({"tiny-vit", "digits-cnn", "digits-vit"})
 
 
 def build_tiny(name: str, **overrides: Any) -> nn.Module:
