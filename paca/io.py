@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import nn
 
-from paca import atomic
+from paca import atomic, distributed
 from paca.config import PacaConfig
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -99,7 +99,7 @@ def adapter_tensors(
         delta = layer.paca_delta[adapter_name]
         if state_dict is not None:
             delta = state_dict.get(f"model.{path}.paca_delta.{adapter_name}", delta)
-        out[f"{path}.delta"] = delta.detach().to("cpu").contiguous()
+        out[f"{path}.delta"] = distributed.full_tensor(delta).to("cpu").contiguous()
         out[f"{path}.idx"] = layer.paca_idx[adapter_name].detach().to("cpu").contiguous()
     for path, copy in _saved_copies(model, adapter_name):
         for key, tensor in copy.state_dict().items():
@@ -107,7 +107,8 @@ def adapter_tensors(
                 tensor = state_dict.get(
                     f"model.{path}.modules_to_save.{adapter_name}.{key}", tensor
                 )
-            out[f"{path}.{SAVED_MODULE_INFIX}.{key}"] = tensor.detach().to("cpu").contiguous()
+            tensor = distributed.full_tensor(tensor)  # FSDP2: gathered on every rank
+            out[f"{path}.{SAVED_MODULE_INFIX}.{key}"] = tensor.to("cpu").contiguous()
     return out
 
 
@@ -137,7 +138,7 @@ def _module_records(model: PacaModel, adapter_name: str) -> dict[str, dict[str, 
             base = layer.base_layer
             records[path] = {
                 "type": f"{type(base).__module__}.{type(base).__qualname__}",
-                "weight_shape": list(base.weight.shape),
+                "weight_shape": list(distributed.full_shape(base.weight)),
                 "r": int(layer.paca_idx[adapter_name].numel()),
             }
     return records
@@ -236,7 +237,9 @@ def save_adapter(
     directory = Path(directory)
     model.check_nothing_trainable_outside()  # their training would be dropped silently
     _refuse_peft_folder(directory)
-    _publish(directory, _adapter_files(model, adapter_name, state_dict))
+    collective = distributed.is_sharded_model(model)  # every rank gathers, rank 0 writes
+    files = _adapter_files(model, adapter_name, state_dict)
+    distributed.write_once(lambda: _publish(directory, files), collective)
     return directory
 
 
@@ -268,7 +271,10 @@ def save_pretrained(
     Each adapter's folder is saved as a unit; with several adapters, each is its own unit.
     Every folder is checked (and every file computed) before the first one is written.
     """
-    if not kwargs.pop("is_main_process", True):
+    # Sharded deltas (FSDP2, ZeRO-3) are gathered on every rank, so every rank takes part
+    # whatever is_main_process says; rank 0 alone writes (paca.distributed.write_once).
+    collective = distributed.is_sharded_model(model)
+    if not kwargs.pop("is_main_process", True) and not collective:
         return
     if kwargs.pop("push_to_hub", False):
         raise ValueError("push_to_hub is not supported; upload the saved directory yourself")
@@ -295,9 +301,16 @@ def save_pretrained(
                 targets.append((directory / name, name))
     for folder, _ in targets:
         _refuse_peft_folder(folder)
-    files = [(folder, _adapter_files(model, name, state_dict)) for folder, name in targets]
-    for folder, writers in files:
-        _publish(folder, writers)
+    with distributed.gathered(
+        p for _, w in model.modules_to_save_wrappers() for p in w.parameters()
+    ):
+        files = [(folder, _adapter_files(model, name, state_dict)) for folder, name in targets]
+
+    def publish_all() -> None:
+        for folder, writers in files:
+            _publish(folder, writers)
+
+    distributed.write_once(publish_all, collective)
 
 
 # ----------------------------------------------------------------------- reading
@@ -358,6 +371,9 @@ def _read_files(directory: Path, found: dict[str, atomic.Found | None]) -> _Save
 
 
 def _explain_missing(directory: Path, missing: list[str]) -> None:
+    sharded = distributed.sharded_checkpoint_hint(directory)
+    if sharded:
+        raise distributed.ShardedCheckpointError(sharded)
     if CONFIG_NAME in missing and (directory / PEFT_CONFIG_NAME).is_file():
         raise AdapterFormatError(
             f"{str(directory)!r} holds a PEFT LoRA adapter ({PEFT_CONFIG_NAME} + "
@@ -687,16 +703,15 @@ def _copy_deltas(
                 f"module {path!r}: the saved adapter trains other columns than adapter "
                 f"{adapter_name!r} of this model; load it as a new adapter instead"
             )
-        if tuple(src.shape) != tuple(delta.shape):
+        shape = distributed.full_shape(delta)  # sharded deltas: the full shape
+        if tuple(src.shape) != shape:
             raise AdapterMismatchError(
                 f"module {path!r}: saved delta has shape {tuple(src.shape)}, this model's "
-                f"has {tuple(delta.shape)}"
+                f"has {shape}" + distributed.shard_shape_hint(tuple(src.shape), shape)
             )
-        with torch.no_grad():
-            delta.copy_(src.to(device=delta.device, dtype=delta.dtype))
+        distributed.copy_full_into(delta, src)  # into this rank's shard when sharded
     for _, _, src, dst in copies:
-        with torch.no_grad():
-            dst.copy_(src.to(device=dst.device, dtype=dst.dtype))
+        distributed.copy_full_into(dst, src)
 
 
 def load_adapter(
