@@ -4,6 +4,8 @@
 features) and computes with the linear op on a transposed *view*, so no weight is
 copied. ``nn.Conv2d`` (groups=1) trains ``r`` whole input channels, every kernel
 position of a chosen channel together, so backward needs only those ``r`` channels.
+
+Both are registered as layer types in :mod:`paca.layer`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from paca.layer import PacaLayer, register_layer_type
+from paca.layers_base import PacaLayer
 from paca.ops import paca_linear
 from paca.ops_conv import Pair, paca_conv2d
 
@@ -30,7 +32,6 @@ def is_hf_conv1d(module: nn.Module) -> bool:
     return isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[1] == module.nf
 
 
-@register_layer_type(is_hf_conv1d)
 class PacaConv1D(PacaLayer):
     """PaCA around transformers ``Conv1D``: ``y = x @ W + b`` with ``W`` stored ``(in, out)``."""
 
@@ -42,7 +43,9 @@ class PacaConv1D(PacaLayer):
         return paca_linear(x, base.weight.t(), base.bias, delta, idx, self.backend)
 
 
-def _is_plain_conv2d(module: nn.Module) -> bool:
+def is_plain_conv2d(module: nn.Module) -> bool:
+    """The modules :class:`PacaConv2d` adapts: ``nn.Conv2d`` with ``groups=1`` and an
+    initialized weight."""
     return (
         isinstance(module, nn.Conv2d)
         and module.groups == 1
@@ -51,7 +54,6 @@ def _is_plain_conv2d(module: nn.Module) -> bool:
     )
 
 
-@register_layer_type(_is_plain_conv2d)
 class PacaConv2d(PacaLayer):
     """PaCA around ``nn.Conv2d`` with ``groups=1``; ``delta`` is ``(out, r, kh, kw)``."""
 

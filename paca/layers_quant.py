@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from paca.backend_abc import Backend
-from paca.layer import PacaLinear, register_layer_type
+from paca.layers_base import PacaLinear
 from paca.ops import autocast_dtype
 from paca.ops_quant import check_quant_state, nf4_dequantize, paca_linear_4bit, require_nf4
 
@@ -52,7 +52,7 @@ def is_bnb_linear4bit(module: nn.Module) -> bool:
     return cls is not None and isinstance(module, cls)
 
 
-def _is_nf4_linear(module: nn.Module) -> bool:
+def is_nf4_linear(module: nn.Module) -> bool:
     """The layers QPaCA adapts: quantized NF4 ``Linear4bit`` with a 2-D quant state."""
     if not is_bnb_linear4bit(module):
         return False
@@ -119,7 +119,6 @@ class _DenseGradProbe(torch.autograd.Function):
         return grad, None, None, None
 
 
-@register_layer_type(_is_nf4_linear)
 class PacaLinear4bit(PacaLinear):
     """PaCA around a bitsandbytes NF4 ``Linear4bit``: the packed base is never written."""
 
@@ -319,22 +318,22 @@ def quantize_nf4(
     builds; wrap it with :func:`paca.wrap` for QPaCA.
     """
     from paca.config import ALL_LINEAR, check_pattern
-    from paca.model import _matches, _output_head_names, _set_submodule
+    from paca.names import matches, output_head_names, set_submodule
 
     bnb = _import_bnb()
     targets = check_pattern(target_modules, "quantize_nf4(target_modules)")
     excluded = check_pattern(exclude_modules, "quantize_nf4(exclude_modules)")
     if not isinstance(double_quant, bool):
         raise TypeError(f"double_quant must be True or False, got {double_quant!r}")
-    heads = _output_head_names(model) if targets == ALL_LINEAR else set()
+    heads = output_head_names(model) if targets == ALL_LINEAR else set()
     chosen = []
     for name, module in model.named_modules():
-        if not name or type(module) is not nn.Linear or _matches(name, excluded):
+        if not name or type(module) is not nn.Linear or matches(name, excluded):
             continue
         if targets == ALL_LINEAR:
             if name not in heads:
                 chosen.append((name, module))
-        elif _matches(name, targets):
+        elif matches(name, targets):
             chosen.append((name, module))
     if not chosen:
         raise ValueError(
@@ -342,7 +341,7 @@ def quantize_nf4(
             f"{type(model).__name__}"
         )
     for name, linear in chosen:
-        _set_submodule(
+        set_submodule(
             model,
             name,
             _to_linear4bit(

@@ -8,11 +8,9 @@ and unknown attributes to the wrapped model (so ``generate``, ``config`` and a
 from __future__ import annotations
 
 import contextlib
-import difflib
 import functools
 import itertools
 import logging
-import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -22,15 +20,17 @@ import torch
 from torch import nn
 
 from paca.backend_abc import Backend
-from paca.config import ALL_LINEAR, PacaConfig, PacaConfigError
-from paca.layer import (
-    MergeStep,
-    PacaLayer,
-    is_quantized_module,
-    layer_class_for,
-    unsupported_reason,
+from paca.config import PacaConfig, PacaConfigError
+from paca.layer import MergeStep, PacaLayer, layer_class_for
+from paca.modules_to_save import ModulesToSaveWrapper
+from paca.names import (
+    DEFAULT_ADAPTER,
+    UnknownAdapterError,
+    check_adapter_name,
+    display_name,
+    set_submodule,
+    unknown_adapter,
 )
-from paca.modules_to_save import COPIES, ORIGINAL, ModulesToSaveWrapper
 from paca.selection import (
     STRATEGIES,
     gradient_scores,
@@ -38,25 +38,34 @@ from paca.selection import (
     strategy_needs_calibration,
     validate_indices,
 )
+from paca.targets import (
+    BaseView,
+    ModulesToSaveError,
+    TargetModulesNotFoundError,
+    base_view,
+    find_modules_to_save,
+    find_targets,
+)
+from paca.tied_weights import TiedWeightsError, tied_weight_problems, tied_weights_error
 
 logger = logging.getLogger("paca")
 
-DEFAULT_ADAPTER = "default"
-
-
-class TargetModulesNotFoundError(ValueError):
-    """``target_modules`` matched no module of the model."""
-
-
-class UnknownAdapterError(KeyError, ValueError):
-    """An adapter name that the model does not have (the message lists those it has)."""
-
-    def __str__(self) -> str:  # KeyError would show the message quoted
-        return str(self.args[0]) if self.args else ""
-
-
-class TiedWeightsError(ValueError):
-    """A target layer's weight is shared with another module (tied weights)."""
+#: names defined in the modules split from this one, importable from here as before
+__all__ = [
+    "DEFAULT_ADAPTER",
+    "MergeError",
+    "ModulesToSaveError",
+    "PacaModel",
+    "TargetModulesNotFoundError",
+    "TiedWeightsError",
+    "TrainableOutsideAdapterError",
+    "UnknownAdapterError",
+    "check_adapter_name",
+    "find_modules_to_save",
+    "find_targets",
+    "tied_weight_problems",
+    "wrap",
+]
 
 
 class MergeError(ValueError):
@@ -67,341 +76,8 @@ class TrainableOutsideAdapterError(RuntimeError):
     """Parameters outside the adapter are trainable, so saving would silently drop them."""
 
 
-def check_adapter_name(name: object, what: str = "adapter_name") -> str:
-    """``name`` if it is a valid adapter name (a Python identifier), else a clear error."""
-    if not isinstance(name, str) or not name.isidentifier():
-        raise PacaConfigError(
-            f"{what} must be a valid Python identifier (letters, digits and underscores, not "
-            f"starting with a digit; e.g. 'default' or 'task_2'), got {name!r}: adapter "
-            f"names become parts of parameter names and folder names"
-        )
-    return name
-
-
-def _unknown_adapter(name: object, known: Iterable[str]) -> UnknownAdapterError:
-    known = sorted(known)
-    hint = difflib.get_close_matches(name, known, n=1) if isinstance(name, str) else []
-    return UnknownAdapterError(
-        f"no adapter {name!r}; adapters: {known}"
-        + (f" (did you mean {hint[0]!r}?)" if hint else "")
-    )
-
-
 def _is_meta(model: nn.Module) -> bool:
     return any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers()))
-
-
-# --- tied weights -------------------------------------------------------------------
-def _display(name: str) -> str:
-    """A module or tensor name as the user's model has it (PaCA internals removed)."""
-    return ".".join(p for p in name.split(".") if p not in {"base_layer", ORIGINAL})
-
-
-def _extent(t: torch.Tensor) -> tuple[Any, ...] | None:
-    """``(device, storage pointer, first byte, end byte)`` of a tensor's memory."""
-    if t.is_meta or t.numel() == 0:
-        return None
-    try:
-        ptr = t.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):  # tensor subclasses without a storage
-        return None
-    size = t.element_size()
-    start = t.storage_offset() * size
-    span = 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True))
-    return (str(t.device), ptr, start, start + span * size)
-
-
-def _overlap(a: tuple[Any, ...] | None, b: tuple[Any, ...] | None) -> bool:
-    return a is not None and b is not None and a[2] < b[3] and b[2] < a[3]
-
-
-def _transformers_ties(model: nn.Module) -> dict[str, str]:
-    """``{tensor name: why}`` for tensors transformers ties (``_tied_weights_keys`` of a
-    model whose config says ``tie_word_embeddings=True``); it re-ties them on load."""
-    out: dict[str, str] = {}
-    for prefix, module in model.named_modules():
-        keys = getattr(module, "_tied_weights_keys", None)
-        cfg = getattr(module, "config", None)
-        if not keys or cfg is None:
-            continue
-        tie = getattr(cfg, "tie_word_embeddings", None)
-        if tie is None:
-            with contextlib.suppress(Exception):
-                tie = cfg.get_text_config(decoder=True).tie_word_embeddings
-        if not tie:
-            continue
-        pairs = keys.items() if isinstance(keys, dict) else ((k, None) for k in keys)
-        for key, source in pairs:
-            full = f"{prefix}.{key}" if prefix else str(key)
-            out[full] = (
-                f"transformers ties it to {source!r}" if source else "transformers ties it"
-            ) + " (config.tie_word_embeddings=True) and re-ties it when the model is loaded"
-    return out
-
-
-def tied_weight_problems(model: nn.Module, targets: Iterable[tuple[str, nn.Module]]) -> list[str]:
-    """Why each of ``targets`` (``(name, module)``; PaCA layers count as their base layer)
-    shares its weight with something else: another module's tensor in the same memory, the
-    same module object under another parent, or a transformers weight tie."""
-    # every tensor slot (module, attribute) of the model, indexed by memory and identity
-    Holder = tuple[str, nn.Module, str, Any]  # (name, module, attribute, memory extent)
-    by_memory: dict[tuple[Any, ...], list[Holder]] = {}
-    by_identity: dict[int, list[Holder]] = {}
-    parents: dict[int, set[tuple[int, str]]] = {}
-    names: dict[int, list[str]] = {}
-    for mod_name, module in model.named_modules(remove_duplicate=False):
-        names.setdefault(id(module), []).append(mod_name)
-        for attr, child in module._modules.items():
-            if child is not None:
-                parents.setdefault(id(child), set()).add((id(module), attr))
-        for attr, t in itertools.chain(module._parameters.items(), module._buffers.items()):
-            if isinstance(t, torch.Tensor):
-                ext = _extent(t)
-                holder = (f"{mod_name}.{attr}" if mod_name else attr, module, attr, ext)
-                by_identity.setdefault(id(t), []).append(holder)
-                if ext is not None:
-                    by_memory.setdefault(ext[:2], []).append(holder)
-    ties = _transformers_ties(model)
-    problems: list[str] = []
-    for name, module in targets:
-        if isinstance(module, PacaLayer):
-            module = module.base_layer
-        shown = _display(name)
-        fix_untie = (
-            f"Either leave it out (remove it from target_modules or add {shown!r} to "
-            f"exclude_modules), or untie it first: model.{shown}.weight = "
-            f"torch.nn.Parameter(model.{shown}.weight.detach().clone())"
-        )
-        places = sorted({_display(n) for n in names.get(id(module), [])})
-        if len(parents.get(id(module), ())) > 1:
-            problems.append(
-                f"module {shown!r} is the same module object as {[p for p in places if p != shown]} "
-                f"(one layer used in several places); PaCA would adapt it in one place only, "
-                f"and a merge would change the others. Leave it out (exclude_modules) or give "
-                f"each place its own copy"
-            )
-            continue
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor):
-            continue
-        ext = _extent(weight)
-        candidates = list(by_identity.get(id(weight), []))
-        if ext is not None:
-            candidates += [h for h in by_memory.get(ext[:2], []) if _overlap(ext, h[3])]
-        shared = sorted(
-            {
-                _display(h_name)
-                for h_name, h_mod, h_attr, _ in candidates
-                if not (h_mod is module and h_attr == "weight")
-            }
-        )
-        if shared:
-            problems.append(
-                f"module {shown!r}: its weight shares memory with {shared} (tied weights); "
-                f"merging would write the adapter into those too. {fix_untie}"
-                + (" and set model.config.tie_word_embeddings = False" if ties else "")
-            )
-            continue
-        why = ties.get(f"{_display(name)}.weight")
-        if why is not None:
-            problems.append(
-                f"module {shown!r}: {why}, so a merged or saved model would silently lose the "
-                f"change. {fix_untie} and set model.config.tie_word_embeddings = False"
-            )
-    return problems
-
-
-def _tied_error(problems: list[str], action: str) -> TiedWeightsError:
-    return TiedWeightsError(
-        f"{action}: {len(problems)} target module(s) have tied weights:\n  - "
-        + "\n  - ".join(problems)
-    )
-
-
-def _matches(name: str, pattern: list[str] | str | None) -> bool:
-    if pattern is None:
-        return False
-    if isinstance(pattern, str):
-        return re.fullmatch(pattern, name) is not None
-    return any(name == p or name.endswith("." + p) for p in pattern)
-
-
-def _output_head_names(model: nn.Module) -> set[str]:
-    """Names of output-embedding layers, which ``all-linear`` leaves alone (as PEFT does)."""
-    heads: set[str] = set()
-    get_out = getattr(model, "get_output_embeddings", None)
-    out = None
-    if callable(get_out):
-        with contextlib.suppress(Exception):
-            out = get_out()
-    for name, module in model.named_modules():
-        if (out is not None and module is out) or name.split(".")[-1] == "lm_head":
-            heads.add(name)
-    return heads
-
-
-def find_targets(model: nn.Module, config: PacaConfig) -> list[tuple[str, nn.Module]]:
-    """The ``(qualified name, module)`` pairs the config adapts, with clear errors."""
-    heads = _output_head_names(model) if config.target_modules == ALL_LINEAR else set()
-    found: list[tuple[str, nn.Module]] = []
-    quantized: list[
-        tuple[str, nn.Module]
-    ] = []  # matched quantized layers no registered layer type accepts
-    for name, module in model.named_modules():
-        if not name or isinstance(module, PacaLayer) or _inside_paca(name, model):
-            continue
-        if _matches(name, config.exclude_modules):
-            continue
-        if config.target_modules == ALL_LINEAR:
-            cls = layer_class_for(module)
-            if name not in heads and cls is not None and cls.linear_like:
-                found.append((name, module))
-            elif name not in heads and cls is None and is_quantized_module(module):
-                quantized.append((name, module))
-            continue
-        if _matches(name, config.target_modules):
-            if layer_class_for(module) is None:
-                if isinstance(config.target_modules, str) and is_quantized_module(module):
-                    quantized.append((name, module))
-                    continue
-                if isinstance(config.target_modules, str) or _has_supported_children(module):
-                    continue  # a regex or a container match; adaptable layers match on their own
-                raise TypeError(
-                    f"target module {name!r} is a {type(module).__module__}."
-                    f"{type(module).__qualname__}, which PaCA cannot adapt: "
-                    f"{unsupported_reason(module)}. Remove it from target_modules or "
-                    f"add it to exclude_modules."
-                )
-            found.append((name, module))
-    if quantized:
-        first = quantized[0][1]
-        raise TypeError(
-            f"target_modules={config.target_modules!r} matches {len(quantized)} quantized "
-            f"layer(s) that PaCA cannot adapt, e.g. {[n for n, _ in quantized[:5]]} "
-            f"({type(first).__module__}.{type(first).__qualname__}): "
-            f"{unsupported_reason(first)}. To adapt only the other layers, add them to "
-            f"exclude_modules."
-        )
-    if not found:
-        raise TargetModulesNotFoundError(_not_found_message(model, config))
-    if isinstance(config.target_modules, list):
-        names = [n for n, _ in model.named_modules() if n]
-        unmatched = [  # a target that matched only excluded modules was meant
-            t for t in config.target_modules if not any(_matches(n, [t]) for n in names)
-        ]
-        if unmatched:
-            warnings.warn(
-                f"target_modules entries {unmatched} matched no module of "
-                f"{_model_name(model)} (the others did); check their spelling. "
-                f"{_close_names_hint(model, unmatched)}",
-                UserWarning,
-                stacklevel=3,
-            )
-    return found
-
-
-def _model_name(model: nn.Module) -> str:
-    inner = model.__dict__.get("_wrapped")
-    return type(inner if isinstance(model, _BaseView) else model).__name__
-
-
-def _close_names_hint(model: nn.Module, wanted: list[str]) -> str:
-    leaves = sorted(
-        {n.split(".")[-1] for n, m in model.named_modules() if n and layer_class_for(m)}
-    )
-    close = sorted({c for w in wanted for c in difflib.get_close_matches(w, leaves, n=3)})
-    return (
-        f"Did you mean: {', '.join(close)}?"
-        if close
-        else f"Adaptable names: {', '.join(leaves[:40])}."
-    )
-
-
-def _has_supported_children(module: nn.Module) -> bool:
-    return any(layer_class_for(m) is not None for m in module.modules() if m is not module)
-
-
-def _inside_paca(name: str, model: nn.Module) -> bool:
-    return _is_internal(name)
-
-
-#: child names of PaCA layers and modules_to_save wrappers that are not model modules.
-_INTERNAL_PARTS = {"base_layer", ORIGINAL, COPIES}
-
-
-def _is_internal(name: str) -> bool:
-    """Whether ``name`` lies inside a PaCA layer or a modules_to_save wrapper."""
-    return any(
-        part.startswith(("paca_", "base_layer")) or part in _INTERNAL_PARTS
-        for part in name.split(".")
-    )
-
-
-class ModulesToSaveError(ValueError):
-    """``modules_to_save`` names no module, or a module PaCA also adapts."""
-
-
-def find_modules_to_save(model: nn.Module, config: PacaConfig, targets: Iterable[str]) -> list[str]:
-    """Qualified names of the modules ``config.modules_to_save`` names (outermost matches).
-
-    Names match like list-form ``target_modules``. A name matching nothing, or a module
-    that is (or contains) one of ``targets``, is a :class:`ModulesToSaveError`.
-    """
-    wanted = config.modules_to_save or []
-    if not wanted:
-        return []
-    matched = [
-        name
-        for name, _ in model.named_modules()
-        if name and not _is_internal(name) and _matches(name, wanted)
-    ]
-    unmatched = [w for w in wanted if not any(_matches(n, [w]) for n in matched)]
-    if unmatched:
-        names = sorted({n for n, _ in model.named_modules() if n and not _is_internal(n)})
-        leaves = sorted({n.split(".")[-1] for n in names})
-        close = sorted(
-            {c for w in unmatched for c in difflib.get_close_matches(w, leaves + names, n=3)}
-        )
-        hint = (
-            f"Did you mean: {', '.join(close)}?" if close else f"Names: {', '.join(leaves[:40])}."
-        )
-        raise ModulesToSaveError(
-            f"modules_to_save entries {unmatched} match no module of {_model_name(model)}. {hint}"
-        )
-    found = [n for n in matched if not any(n.startswith(m + ".") for m in matched)]
-    targets = list(targets)
-    for name in found:
-        clash = [t for t in targets if t == name or t.startswith(name + ".")]
-        if clash:
-            what = "is" if clash == [name] else f"contains {clash[:5]}, which are"
-            raise ModulesToSaveError(
-                f"module {name!r} is in modules_to_save but {what} also a PaCA target: a module "
-                f"is either adapted or trained in full. Remove it from target_modules (or add "
-                f"it to exclude_modules) or from modules_to_save."
-            )
-    return found
-
-
-def _not_found_message(model: nn.Module, config: PacaConfig) -> str:
-    leaves = sorted(
-        {n.split(".")[-1] for n, m in model.named_modules() if n and layer_class_for(m)}
-    )
-    wanted = config.target_modules
-    hint = ""
-    if isinstance(wanted, list):
-        close = sorted({c for w in wanted for c in difflib.get_close_matches(w, leaves, n=3)})
-        if close:
-            hint = f" Did you mean: {', '.join(close)}?"
-    return (
-        f"target_modules={wanted!r} matched no adaptable module of {_model_name(model)}."
-        f"{hint} Adaptable layer names in this model: {', '.join(leaves[:40]) or 'none'}."
-    )
-
-
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
 
 
 def _call_wrapped(self: PacaModel, *args: Any, **kwargs: Any) -> Any:
@@ -618,7 +294,7 @@ class PacaModel(nn.Module):
                 f"loss_fn must be callable as loss_fn(output, batch) -> loss, got "
                 f"{type(loss_fn).__name__}"
             )
-        targets = find_targets(self._unwrapped_view(), config)
+        targets = find_targets(base_view(self.model), config)
         given = dict(config.indices or {})
         unknown = sorted(set(given) - {n for n, _ in targets})
         if unknown:
@@ -626,12 +302,12 @@ class PacaModel(nn.Module):
                 f"PacaConfig.indices names modules that are not targets: {unknown}; "
                 f"targets are: {[n for n, _ in targets][:20]}"
             )
-        to_save = find_modules_to_save(self._unwrapped_view(), config, [n for n, _ in targets])
+        to_save = find_modules_to_save(base_view(self.model), config, [n for n, _ in targets])
         self._check_no_overlap([n for n, _ in targets], to_save)
         new_targets = [(n, m) for n, m in targets if self._existing_layer(n) is None]
         tied = tied_weight_problems(self.model, new_targets)
         if tied:
-            raise _tied_error(tied, f"cannot add PaCA adapter {name!r}")
+            raise tied_weights_error(tied, f"cannot add PaCA adapter {name!r}")
         self._check_selection(config, [(n, m) for n, m in targets if n not in given])
         created: list[tuple[str, PacaLayer]] = []
         layers: dict[str, PacaLayer] = {}
@@ -643,7 +319,7 @@ class PacaModel(nn.Module):
                     cls = layer_class_for(module)
                     assert cls is not None
                     layer = cls(module, self._backend)
-                    _set_submodule(self.model, mod_name, layer)
+                    set_submodule(self.model, mod_name, layer)
                     created.append((mod_name, layer))
                 layers[mod_name] = layer
             scores: dict[str, torch.Tensor] = {}
@@ -679,7 +355,7 @@ class PacaModel(nn.Module):
                 wrapper = self.model.get_submodule(mod_name)
                 if not isinstance(wrapper, ModulesToSaveWrapper):
                     wrapper = ModulesToSaveWrapper(wrapper)
-                    _set_submodule(self.model, mod_name, wrapper)
+                    set_submodule(self.model, mod_name, wrapper)
                 wrapped.append((mod_name, wrapper))
                 wrapper.add_adapter(name)
         except BaseException:
@@ -687,12 +363,12 @@ class PacaModel(nn.Module):
                 if name in layer.paca_delta:
                     layer.delete_adapter(name)
             for mod_name, layer in created:
-                _set_submodule(self.model, mod_name, layer.base_layer)
+                set_submodule(self.model, mod_name, layer.base_layer)
             for mod_name, wrapper in wrapped:
                 if name in wrapper.modules_to_save:
                     wrapper.delete_adapter(name)
                 if not len(wrapper.modules_to_save):
-                    _set_submodule(self.model, mod_name, wrapper.original_module)
+                    set_submodule(self.model, mod_name, wrapper.original_module)
             raise
         self.paca_configs[name] = config
         self.set_adapter(self.active_adapter if self.active_adapter in self.paca_configs else name)
@@ -744,9 +420,8 @@ class PacaModel(nn.Module):
             if isinstance(module, ModulesToSaveWrapper):
                 yield name, module
 
-    def _unwrapped_view(self) -> nn.Module:
-        """The model as target matching should see it: PaCA layers as their base layers."""
-        return _BaseView(self.model)
+    def _unwrapped_view(self) -> nn.Module:  # paca.io uses it until it moves to base_view
+        return base_view(self.model)
 
     def _existing_layer(self, name: str) -> PacaLayer | None:
         with contextlib.suppress(AttributeError):
@@ -758,7 +433,7 @@ class PacaModel(nn.Module):
     def set_adapter(self, name: str) -> None:
         """Make ``name`` the active (and only trainable) adapter."""
         if not isinstance(name, str) or name not in self.paca_configs:
-            raise _unknown_adapter(name, self.paca_configs)
+            raise unknown_adapter(name, self.paca_configs)
         self.active_adapter = name
         for _, layer in self.paca_layers():
             layer.active_adapter = name if name in layer.paca_delta else None
@@ -769,7 +444,7 @@ class PacaModel(nn.Module):
 
     def delete_adapter(self, name: str) -> None:
         if not isinstance(name, str) or name not in self.paca_configs:
-            raise _unknown_adapter(name, self.paca_configs)
+            raise unknown_adapter(name, self.paca_configs)
         if len(self.paca_configs) == 1:
             raise ValueError(
                 f"adapter {name!r} is the only one; use unload() to get the base model back, "
@@ -787,7 +462,7 @@ class PacaModel(nn.Module):
             if name in wrapper.modules_to_save:
                 wrapper.delete_adapter(name)
                 if not len(wrapper.modules_to_save):  # no adapter trains it any more
-                    _set_submodule(self.model, mod_name, wrapper.original_module)
+                    set_submodule(self.model, mod_name, wrapper.original_module)
         del self.paca_configs[name]
         if self.active_adapter == name and self.paca_configs:
             self.set_adapter(next(iter(self.paca_configs)))
@@ -829,7 +504,7 @@ class PacaModel(nn.Module):
             )
         for n in names:
             if not isinstance(n, str) or n not in self.paca_configs:
-                raise _unknown_adapter(n, self.paca_configs)
+                raise unknown_adapter(n, self.paca_configs)
         return list(dict.fromkeys(names))
 
     def merge(
@@ -868,7 +543,9 @@ class PacaModel(nn.Module):
                 plans.append((mod_name, layer, steps))
         tied = tied_weight_problems(self.model, [(n, layer) for n, layer, _ in plans])
         if tied:
-            raise _tied_error(tied, f"refusing to merge adapter(s) {names}; nothing was written")
+            raise tied_weights_error(
+                tied, f"refusing to merge adapter(s) {names}; nothing was written"
+            )
         if failures:
             raise MergeError(
                 f"refusing to merge adapter(s) {names}: {len(failures)} problem(s); nothing "
@@ -912,10 +589,10 @@ class PacaModel(nn.Module):
         names = self.trainable_outside_adapters()
         if not names:
             return
-        modules = sorted({_display(n.rpartition(".")[0]) or n for n in names})
+        modules = sorted({display_name(n.rpartition(".")[0]) or n for n in names})
         raise TrainableOutsideAdapterError(
             f"refusing to {action}: {len(names)} parameter(s) outside the PaCA adapter are "
-            f"trainable and would not be saved with it: {[_display(n) for n in names[:10]]}. "
+            f"trainable and would not be saved with it: {[display_name(n) for n in names[:10]]}. "
             f"An adapter holds only PaCA deltas and modules_to_save copies. Either freeze "
             f"them (p.requires_grad_(False)) if you did not mean to train them, or train "
             f"those modules in full with PacaConfig(modules_to_save={modules[:5]}) so their "
@@ -937,19 +614,19 @@ class PacaModel(nn.Module):
             for name, layer in list(self.paca_layers()):
                 to_dense = getattr(layer, "dequantized_layer", None)
                 if callable(to_dense):
-                    _set_submodule(self.model, name, to_dense())
+                    set_submodule(self.model, name, to_dense())
                     swapped.append((name, layer))
             try:
                 self.merge(safe_merge=safe_merge)
             except BaseException:
                 for name, layer in swapped:
-                    _set_submodule(self.model, name, layer)
+                    set_submodule(self.model, name, layer)
                 raise
         untracked = self.trainable_outside_adapters()
         if untracked:
             warnings.warn(
                 f"parameters outside the adapter were trainable: "
-                f"{[_display(n) for n in untracked[:10]]}; whatever training changed in them "
+                f"{[display_name(n) for n in untracked[:10]]}; whatever training changed in them "
                 f"stays in the returned model ({'merge_and_unload' if merge else 'unload'} "
                 f"restores only what PaCA changed)",
                 UserWarning,
@@ -958,7 +635,7 @@ class PacaModel(nn.Module):
         for name, layer in list(self.paca_layers()):
             if not merge:
                 layer.unmerge()
-            _set_submodule(self.model, name, layer.base_layer)
+            set_submodule(self.model, name, layer.base_layer)
         for name, wrapper in list(self.modules_to_save_wrappers()):
             copies = wrapper.modules_to_save
             keep = (
@@ -966,7 +643,7 @@ class PacaModel(nn.Module):
                 if merge and self.active_adapter in copies
                 else wrapper.original_module
             )
-            _set_submodule(self.model, name, keep)
+            set_submodule(self.model, name, keep)
         model = self.model
         self._restore_requires_grad(model)
         return model
@@ -1009,27 +686,8 @@ class PacaModel(nn.Module):
         return self
 
 
-class _BaseView(nn.Module):
-    """Presents a model with PaCA layers shown as their base layers (for re-targeting)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        object.__setattr__(self, "_wrapped", model)
-
-    def named_modules(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, nn.Module]]:  # type: ignore[override]
-        for name, module in self._wrapped.named_modules():
-            if isinstance(module, PacaLayer):
-                yield name, module.base_layer
-            elif isinstance(module, ModulesToSaveWrapper):
-                yield name, module.original_module
-            elif _is_internal(name):
-                continue
-            else:
-                yield name, module
-
-    def get_output_embeddings(self) -> Any:
-        get_out = getattr(self._wrapped, "get_output_embeddings", None)
-        return get_out() if callable(get_out) else None
+#: the old private name of :class:`paca.targets.BaseView` (paca.io uses it until it moves)
+_BaseView = BaseView
 
 
 def _resolve_backend(backend: object, what: str = "backend") -> Backend:

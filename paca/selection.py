@@ -22,6 +22,9 @@ from typing import Any
 
 import torch
 
+from paca.config import as_int
+from paca.layers_base import PacaLayer
+
 #: A strategy gets (module name, the PaCA layer, r, seed, n=in_features, **options) and
 #: returns r column indices. Strategies in NEEDS_CALIBRATION also get ``scores``.
 Strategy = Callable[..., "torch.Tensor | list[int]"]
@@ -79,8 +82,6 @@ def validate_indices(idx: torch.Tensor | list[int], n: int, key: str) -> torch.T
             )
         t = idx.detach().flatten().to(device="cpu", dtype=torch.long)
     else:
-        from paca.config import as_int
-
         if isinstance(idx, (str, bytes)) or not hasattr(idx, "__iter__"):
             raise TypeError(
                 f"PaCA indices for {key!r} must be a list of column numbers, got "
@@ -213,8 +214,6 @@ def gradient_scores(
     dropout: the same batches always give the same columns). Everything is restored
     afterwards, also on error. ``layers`` maps module names to PaCA layers.
     """
-    from paca.layer import PacaLayer
-
     # layers whose base weight has no gradient (4-bit bases) measure the dense gradient of
     # their dequantized weight with a probe instead (PacaLinear4bit.dense_grad_probe)
     probes = {k: layer.dense_grad_probe() for k, layer in layers.items() if _has_probe(layer)}
