@@ -55,6 +55,8 @@ import pluggy
 
 from paca import hookspecs
 from paca.backend_abc import BACKEND_API_VERSION, Backend, BackendUnavailableError
+from paca.backend_abc import api_version_tuple as parse_api_version  # one parser for both
+from paca.environment import env_flag
 
 logger = logging.getLogger("paca.registry")
 
@@ -98,23 +100,6 @@ class EntryPointNameWarning(PluginLoadWarning):
 
 
 # --------------------------------------------------------------------------- API versions
-try:  # one parser for the core and the registry (backend API v2 and later)
-    from paca.backend_abc import api_version_tuple as parse_api_version
-except ImportError:  # pragma: no cover - a backend_abc without the helper
-
-    def parse_api_version(version: object) -> tuple[int, int] | None:
-        """``2`` -> ``(2, 0)``; ``(2, 1)`` -> ``(2, 1)``; anything else -> ``None``."""
-        if isinstance(version, bool):
-            return None
-        if isinstance(version, int):
-            return (version, 0)
-        if (
-            isinstance(version, tuple)
-            and len(version) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in version)
-        ):
-            return (version[0], version[1])
-        return None
 
 
 def format_api_version(version: tuple[int, int] | None) -> str:
@@ -305,10 +290,6 @@ _override: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
-
-
 def _blocked_from_env() -> set[str]:
     return {n.strip() for n in os.environ.get(BLOCKED_ENV, "").split(",") if n.strip()}
 
@@ -348,7 +329,7 @@ class Registry:
             return self._plugins
         plugins: dict[str, list[PluginRecord]] = {}
         seen: set[tuple[str, str, str]] = set()
-        autoload = not _env_flag(DISABLE_AUTOLOAD_ENV)
+        autoload = not env_flag(DISABLE_AUTOLOAD_ENV)
         for ep in importlib_metadata.entry_points(group=hookspecs.ENTRY_POINT_GROUP):
             dist = getattr(ep, "dist", None)
             dist_name = dist.metadata["Name"] if dist is not None else "<unknown>"
@@ -581,7 +562,7 @@ class Registry:
 
     def autoload_disabled(self) -> bool:
         """Whether ``PACA_DISABLE_PLUGIN_AUTOLOAD`` kept third-party plugins out."""
-        return _env_flag(DISABLE_AUTOLOAD_ENV)
+        return env_flag(DISABLE_AUTOLOAD_ENV)
 
     def instance(self, name: str) -> Backend:
         """The (cached) instance of backend ``name``; clear errors if it cannot be had.

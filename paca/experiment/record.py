@@ -15,15 +15,13 @@ killed run never leaves a half-written summary.
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
-import platform
-import sys
 from pathlib import Path
 from typing import Any
 
 from paca import atomic
-from paca.environment import cpu_model, git_commit, library_versions
+from paca.environment import device_name  # noqa: F401  (re-exported)
+from paca.environment import record as environment  # noqa: F401  (the one environment record)
 
 EXPERIMENT_FILE = "experiment.toml"
 ENVIRONMENT_FILE = "environment.json"
@@ -44,45 +42,6 @@ def write_text(path: Path, text: str) -> None:
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
-
-
-def device_name(backend: Any, described: dict[str, Any]) -> str:
-    """A human-readable device name: the backend's own, else torch's, else the type."""
-    for key in ("device_name", "name", "device"):
-        if described.get(key):
-            name = str(described[key])
-            if backend.device_type == "cpu" and name in {"x86_64", "aarch64", "arm64", "i386"}:
-                return cpu_model() or name  # platform.processor() is only the ISA on Linux
-            return name
-    import torch
-
-    if backend.device_type == "cuda" and torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return backend.device_type
-
-
-def environment(backend: Any) -> dict[str, Any]:
-    """Everything about the machine and software a comparison must state."""
-    try:
-        described = dict(backend.describe())
-    except Exception as exc:  # describe() must never raise; record it if it does
-        described = {"error": f"describe() raised {type(exc).__name__}: {exc}"}
-    import torch
-
-    return {
-        "backend": backend.name,
-        "device_type": backend.device_type,
-        "device_name": device_name(backend, described),
-        "describe": described,
-        "libraries": library_versions(),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "hostname": platform.node(),
-        "torch_threads": torch.get_num_threads(),
-        "git": git_commit(),
-        "command": sys.argv,
-        "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
