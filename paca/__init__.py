@@ -32,14 +32,18 @@ _LAZY = {
     "AdapterMismatchError": "paca.io",
     "export_lora": "paca.export",
     "ExportError": "paca.export",
+    "quantize_nf4": "paca.layers_quant",
+    "estimate_memory": "paca.estimate",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from paca._registry import BackendBuildError, BackendInfo, UnknownBackendError
     from paca.backend_abc import Backend, BackendUnavailableError
     from paca.config import PacaConfig
+    from paca.estimate import estimate_memory
     from paca.export import ExportError, export_lora
     from paca.io import AdapterMismatchError, load
+    from paca.layers_quant import quantize_nf4
     from paca.model import ModulesToSaveError, PacaModel, TargetModulesNotFoundError, wrap
 
 __all__ = [
@@ -56,10 +60,12 @@ __all__ = [
     "UnknownBackendError",
     "backend",
     "block_backend",
+    "estimate_memory",
     "export_lora",
     "get_backend",
     "list_backends",
     "load",
+    "quantize_nf4",
     "register_backend",
     "use_backend",
     "wrap",

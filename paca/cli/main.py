@@ -21,7 +21,13 @@ import logging
 import os
 import sys
 
-SUBCOMMANDS = ["paca.cli.run", "paca.cli.backends", "paca.cli.bench", "paca.cli.compare"]
+SUBCOMMANDS = [
+    "paca.cli.run",
+    "paca.cli.backends",
+    "paca.cli.bench",
+    "paca.cli.compare",
+    "paca.cli.estimate",
+]
 
 #: Set to 1 to see the full traceback of an error (same as ``paca --debug``).
 DEBUG_ENV = "PACA_DEBUG"
