@@ -28,7 +28,7 @@ _LAZY = {
     "UnknownBackendError": "paca._registry",
     "BackendBuildError": "paca._registry",
     "BackendInfo": "paca._registry",
-    "load": "paca.io",
+    "load": "paca.model",
     "AdapterMismatchError": "paca.io",
     "export_lora": "paca.export",
     "ExportError": "paca.export",
@@ -42,9 +42,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from paca.config import PacaConfig
     from paca.estimate import estimate_memory
     from paca.export import ExportError, export_lora
-    from paca.io import AdapterMismatchError, load
+    from paca.io import AdapterMismatchError
     from paca.layers_quant import quantize_nf4
-    from paca.model import ModulesToSaveError, PacaModel, TargetModulesNotFoundError, wrap
+    from paca.model import ModulesToSaveError, PacaModel, TargetModulesNotFoundError, load, wrap
 
 __all__ = [
     "AdapterMismatchError",

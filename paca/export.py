@@ -34,6 +34,7 @@ from paca import atomic
 from paca.io import CONFIG_NAME, LEGACY_WEIGHTS_NAME, STORE, WEIGHTS_NAME, AdapterFormatError
 from paca.layer import PacaLayer, PacaLinear
 from paca.layers_conv import PacaConv1D, PacaConv2d
+from paca.names import unknown_adapter
 
 if TYPE_CHECKING:  # pragma: no cover
     from paca.model import PacaModel
@@ -96,7 +97,7 @@ def export_lora(
 
     name = adapter_name or paca_model.active_adapter
     if name not in paca_model.paca_configs:
-        raise KeyError(f"no adapter {name!r}; adapters: {sorted(paca_model.paca_configs)}")
+        raise unknown_adapter(name, paca_model.paca_configs)
     paca_model.check_nothing_trainable_outside("export the LoRA adapter")
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}

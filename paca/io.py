@@ -22,7 +22,13 @@ still load.
 The PaCA weights file has its own name so that a PaCA folder and a PEFT LoRA folder
 (``adapter_config.json`` + ``adapter_model.safetensors``, as :func:`paca.export_lora`
 writes) cannot be mistaken for each other: saving into a folder that holds a PEFT adapter
-is refused, and loading one with :func:`load` says what it is and how to load it.
+is refused, and loading one with :func:`paca.load` says what it is and how to load it.
+
+Loading matches the saved config against the model with :mod:`paca.targets` (on
+:func:`~paca.targets.base_view` of the model): :func:`load_adapter` adds a saved adapter
+to a :class:`~paca.model.PacaModel`; :func:`paca.load` (:func:`paca.model.load`) wraps a
+plain model with one. Both are :func:`read_for_loading`, add the adapter, then
+:func:`fill_adapter`. This module does not import :mod:`paca.model`.
 """
 
 from __future__ import annotations
@@ -41,9 +47,16 @@ from torch import nn
 
 from paca import atomic, distributed
 from paca.config import PacaConfig
+from paca.names import unknown_adapter
+from paca.targets import (
+    ModulesToSaveError,
+    TargetModulesNotFoundError,
+    base_view,
+    find_modules_to_save,
+    find_targets,
+)
 
-if TYPE_CHECKING:  # pragma: no cover
-    from paca.backend_abc import Backend
+if TYPE_CHECKING:  # pragma: no cover - annotations only: paca.model imports this module
     from paca.model import PacaModel
 
 logger = logging.getLogger("paca")
@@ -177,7 +190,7 @@ def _adapter_files(
     from paca import __version__
 
     if adapter_name not in model.paca_configs:
-        raise KeyError(f"no adapter {adapter_name!r}; adapters: {sorted(model.paca_configs)}")
+        raise unknown_adapter(adapter_name, model.paca_configs)
     tensors = adapter_tensors(model, adapter_name, state_dict)
     body = {
         "format_version": FORMAT_VERSION,
@@ -542,26 +555,22 @@ def _check_fingerprints(
     )
 
 
+def _records(value: Any, fields: dict[str, type]) -> bool:
+    """Whether ``value`` is an object of records, each with ``fields`` of these types."""
+    return isinstance(value, dict) and all(
+        isinstance(rec, dict) and all(isinstance(rec.get(k), t) for k, t in fields.items())
+        for rec in value.values()
+    )
+
+
 def _check_structure(meta: dict[str, Any], config_path: Path) -> None:
     """The fields loading uses have the types save_pretrained writes."""
     problems = []
     if not isinstance(meta.get("config"), dict):
         problems.append('"config" is not an object')
-    modules = meta.get("modules")
-    if not isinstance(modules, dict) or not all(
-        isinstance(rec, dict)
-        and isinstance(rec.get("type"), str)
-        and isinstance(rec.get("weight_shape"), list)
-        for rec in modules.values()
-    ):
+    if not _records(meta.get("modules"), {"type": str, "weight_shape": list}):
         problems.append('"modules" is not an object of {"type", "weight_shape", "r"} records')
-    to_save = meta.get("modules_to_save", {})
-    if not isinstance(to_save, dict) or not all(
-        isinstance(rec, dict)
-        and isinstance(rec.get("type"), str)
-        and isinstance(rec.get("tensors"), dict)
-        for rec in to_save.values()
-    ):
+    if not _records(meta.get("modules_to_save", {}), {"type": str, "tensors": dict}):
         problems.append('"modules_to_save" is not an object of {"type", "tensors"} records')
     if problems:
         raise AdapterFileError(
@@ -584,13 +593,6 @@ def _config_of(saved: _Saved) -> PacaConfig:
 
 def _check_model(view: nn.Module, meta: dict[str, Any], config: PacaConfig) -> None:
     """Refuse a model whose target modules or their shapes differ from the saved ones."""
-    from paca.model import (
-        ModulesToSaveError,
-        TargetModulesNotFoundError,
-        find_modules_to_save,
-        find_targets,
-    )
-
     modules = dict(view.named_modules())
     saved: dict[str, dict[str, Any]] = meta["modules"]
     problems = []
@@ -679,9 +681,7 @@ def _indices(saved: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[st
     return {p: tensors[f"{p}.idx"].tolist() for p in saved}
 
 
-def _copy_deltas(
-    model: PacaModel, adapter_name: str, tensors: dict[str, torch.Tensor], check_idx: bool
-) -> None:
+def _copy_deltas(model: PacaModel, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
     copies = [  # (path, key, saved, live): shapes checked before anything is written
         (path, key, tensors[f"{path}.{SAVED_MODULE_INFIX}.{key}"], dst)
         for path, copy in _saved_copies(model, adapter_name)
@@ -698,7 +698,7 @@ def _copy_deltas(
             continue
         delta, idx = layer.paca_delta[adapter_name], layer.paca_idx[adapter_name]
         src, src_idx = tensors[f"{path}.delta"], tensors[f"{path}.idx"]
-        if check_idx and not torch.equal(idx.cpu(), src_idx):
+        if not torch.equal(idx.cpu(), src_idx):
             raise AdapterMismatchError(
                 f"module {path!r}: the saved adapter trains other columns than adapter "
                 f"{adapter_name!r} of this model; load it as a new adapter instead"
@@ -714,26 +714,51 @@ def _copy_deltas(
         distributed.copy_full_into(dst, src)
 
 
+class SavedAdapter(NamedTuple):
+    """A saved adapter, read and checked against a model (:func:`read_for_loading`)."""
+
+    config: PacaConfig  #: as saved (what ``paca_configs`` records after loading)
+    exact: PacaConfig  #: the saved config with the saved indices: adding it reproduces them
+    tensors: dict[str, torch.Tensor]
+
+
+def read_for_loading(view: nn.Module, directory: str | Path) -> SavedAdapter:
+    """Read the adapter saved in ``directory`` and check that it fits ``view``, the model
+    as :func:`paca.targets.base_view` shows it: the same target modules, types and shapes.
+
+    Loading is this, then adding an adapter with :attr:`SavedAdapter.exact` (to a
+    :class:`PacaModel`, or by wrapping a plain model), then :func:`fill_adapter`.
+    """
+    found = _read(directory)
+    config = _config_of(found)
+    _check_keys(found)
+    _check_model(view, found.meta, config)
+    exact = dataclasses.replace(config, indices=_indices(found.meta["modules"], found.tensors))
+    return SavedAdapter(config, exact, found.tensors)
+
+
+def fill_adapter(
+    model: PacaModel, adapter_name: str, saved: SavedAdapter, is_trainable: bool = False
+) -> None:
+    """Copy the saved tensors into adapter ``adapter_name`` of ``model`` (just added with
+    ``saved.exact``), record the config as saved, and freeze it unless ``is_trainable``."""
+    model.paca_configs[adapter_name] = saved.config  # the indices live in the layers
+    _copy_deltas(model, adapter_name, saved.tensors)
+    _set_trainable(model, adapter_name, is_trainable)
+
+
 def load_adapter(
     model: PacaModel, directory: str | Path, adapter_name: str, is_trainable: bool = False
 ) -> None:
     """Add the adapter saved in ``directory`` to ``model`` as ``adapter_name``."""
-    found = _read(directory)
-    meta, tensors = found.meta, found.tensors
-    config = _config_of(found)
-    saved = meta["modules"]
-    _check_keys(found)
     if adapter_name in model.paca_configs:
         raise ValueError(
             f"adapter {adapter_name!r} already exists; delete_adapter({adapter_name!r}) first "
             f"or load under another name"
         )
-    _check_model(model._unwrapped_view(), meta, config)
-    exact = dataclasses.replace(config, indices=_indices(saved, tensors))
-    model.add_adapter(adapter_name, exact)
-    model.paca_configs[adapter_name] = config  # as saved; the indices live in the layers
-    _copy_deltas(model, adapter_name, tensors, check_idx=True)
-    _set_trainable(model, adapter_name, is_trainable)
+    saved = read_for_loading(base_view(model.model), directory)
+    model.add_adapter(adapter_name, saved.exact)
+    fill_adapter(model, adapter_name, saved, is_trainable)
 
 
 def load_adapter_weights(model: PacaModel, directory: str | Path, adapter_name: str) -> None:
@@ -757,7 +782,7 @@ def load_adapter_weights(model: PacaModel, directory: str | Path, adapter_name: 
             f"(modules_to_save): only in the model {sorted(have_copies - saved_copies)}, only "
             f"saved {sorted(saved_copies - have_copies)}"
         )
-    _copy_deltas(model, adapter_name, tensors, check_idx=True)
+    _copy_deltas(model, adapter_name, tensors)
 
 
 def _set_trainable(model: PacaModel, adapter_name: str, trainable: bool) -> None:
@@ -769,38 +794,3 @@ def _set_trainable(model: PacaModel, adapter_name: str, trainable: bool) -> None
     for _, copy in _saved_copies(model, adapter_name):
         for p in copy.parameters():
             p.requires_grad_(trainable and model.active_adapter == adapter_name)
-
-
-def load(
-    model: nn.Module,
-    directory: str | Path,
-    adapter_name: str = "default",
-    backend: Backend | str | None = None,
-    is_trainable: bool = False,
-) -> PacaModel:
-    """Wrap ``model`` with the adapter saved in ``directory`` (from ``save_pretrained``).
-
-    The saved indices are used as they are (no strategy runs). Missing or unexpected
-    tensors, other target modules or other weight shapes are errors. With
-    ``is_trainable=False`` the deltas are frozen and the model is put in eval mode.
-    A :class:`PacaModel` gets the adapter added (:meth:`PacaModel.load_adapter`).
-    """
-    from paca.model import PacaModel, _BaseView, wrap
-
-    if isinstance(model, PacaModel):
-        model.load_adapter(directory, adapter_name, is_trainable=is_trainable)
-        return model
-    found = _read(directory)
-    meta, tensors = found.meta, found.tensors
-    config = _config_of(found)
-    saved = meta["modules"]
-    _check_keys(found)
-    _check_model(_BaseView(model), meta, config)
-    exact = dataclasses.replace(config, indices=_indices(saved, tensors))
-    paca_model = wrap(model, exact, adapter_name=adapter_name, backend=backend)
-    paca_model.paca_configs[adapter_name] = config
-    _copy_deltas(paca_model, adapter_name, tensors, check_idx=True)
-    _set_trainable(paca_model, adapter_name, is_trainable)
-    if not is_trainable:
-        paca_model.eval()
-    return paca_model

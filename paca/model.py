@@ -2,7 +2,13 @@
 
 :func:`wrap` returns a :class:`PacaModel`, an ``nn.Module`` that forwards calls
 and unknown attributes to the wrapped model (so ``generate``, ``config`` and a
-``Trainer`` keep working) and adds the adapter operations.
+``Trainer`` keep working) and adds the adapter operations: adding, switching,
+deleting, merging and unloading adapters. :func:`load` wraps a model with a saved
+adapter.
+
+Which modules a config adapts is :mod:`paca.targets`; names and hints are
+:mod:`paca.names`; tied-weight checks are :mod:`paca.tied_weights`; the files are
+:mod:`paca.io`. Their public names are importable from here too.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from paca import io
 from paca.backend_abc import Backend
 from paca.config import PacaConfig, PacaConfigError
 from paca.layer import MergeStep, PacaLayer, layer_class_for
@@ -39,7 +46,6 @@ from paca.selection import (
     validate_indices,
 )
 from paca.targets import (
-    BaseView,
     ModulesToSaveError,
     TargetModulesNotFoundError,
     base_view,
@@ -63,6 +69,7 @@ __all__ = [
     "check_adapter_name",
     "find_modules_to_save",
     "find_targets",
+    "load",
     "tied_weight_problems",
     "wrap",
 ]
@@ -229,20 +236,16 @@ class PacaModel(nn.Module):
         outside the adapter are trainable (a bias the user unfroze): the adapter could not
         hold them, so saving would silently drop their training.
         """
-        from paca.io import save_pretrained
-
         if kwargs.get("is_main_process", True):
             self.check_nothing_trainable_outside()
-        save_pretrained(self, save_directory, adapter_name, **kwargs)
+        io.save_pretrained(self, save_directory, adapter_name, **kwargs)
 
     def load_adapter(
         self, directory: str | Path, adapter_name: str, is_trainable: bool = False
     ) -> None:
         """Add the adapter saved in ``directory`` as ``adapter_name`` (see :func:`paca.load`)."""
-        from paca.io import load_adapter
-
         check_adapter_name(adapter_name)
-        load_adapter(self, directory, adapter_name, is_trainable=is_trainable)
+        io.load_adapter(self, directory, adapter_name, is_trainable=is_trainable)
 
     @property
     def backend(self) -> Backend:
@@ -419,9 +422,6 @@ class PacaModel(nn.Module):
         for name, module in self.model.named_modules():
             if isinstance(module, ModulesToSaveWrapper):
                 yield name, module
-
-    def _unwrapped_view(self) -> nn.Module:  # paca.io uses it until it moves to base_view
-        return base_view(self.model)
 
     def _existing_layer(self, name: str) -> PacaLayer | None:
         with contextlib.suppress(AttributeError):
@@ -686,10 +686,6 @@ class PacaModel(nn.Module):
         return self
 
 
-#: the old private name of :class:`paca.targets.BaseView` (paca.io uses it until it moves)
-_BaseView = BaseView
-
-
 def _resolve_backend(backend: object, what: str = "backend") -> Backend:
     """A backend object from a name, an instance or ``None`` (the selected backend)."""
     from paca._registry import registry
@@ -777,3 +773,28 @@ def wrap(
     if move_to_device and not _is_meta(model):
         model = model.to(b.device())
     return PacaModel(model, config, b, adapter_name, calibration=calibration, loss_fn=loss_fn)
+
+
+def load(
+    model: nn.Module,
+    directory: str | Path,
+    adapter_name: str = DEFAULT_ADAPTER,
+    backend: Backend | str | None = None,
+    is_trainable: bool = False,
+) -> PacaModel:
+    """Wrap ``model`` with the adapter saved in ``directory`` (from ``save_pretrained``).
+
+    The saved indices are used as they are (no strategy runs). Missing or unexpected
+    tensors, other target modules or other weight shapes are errors. With
+    ``is_trainable=False`` the deltas are frozen and the model is put in eval mode.
+    A :class:`PacaModel` gets the adapter added (:meth:`PacaModel.load_adapter`).
+    """
+    if isinstance(model, PacaModel):
+        model.load_adapter(directory, adapter_name, is_trainable=is_trainable)
+        return model
+    saved = io.read_for_loading(base_view(model), directory)  # as PacaModel.load_adapter
+    paca_model = wrap(model, saved.exact, adapter_name=adapter_name, backend=backend)
+    io.fill_adapter(paca_model, adapter_name, saved, is_trainable)
+    if not is_trainable:
+        paca_model.eval()
+    return paca_model
