@@ -96,3 +96,31 @@ def test_conformance_suite_checks_nf4_on_cpu():
 
     report = check_backend("cpu", items=["nf4"])
     assert report["nf4"].status == "passed", report["nf4"].message
+
+
+@pytest.mark.parametrize("method", ["paca", "lora"], ids=["qpaca", "qlora"])
+def test_paca_run_trains_on_a_4bit_base_from_the_experiment_file(tmp_path, method):
+    from paca.experiment import experiment_from_dict, run_experiment
+    from paca.experiment.schema import ExperimentError
+
+    exp = {
+        "name": "q",
+        "output_dir": str(tmp_path / "runs"),
+        "model": {
+            "name": "paca.tiny/tiny-llama",
+            "quantization": "nf4",
+            "options": {"hidden": 64, "layers": 1, "heads": 2, "kv_heads": 1, "intermediate": 128},
+        },
+        "data": {"seq_len": 16, "max_train_samples": 16, "max_eval_samples": 4},
+        "method": {"name": method, "r": 4},
+        "train": {"steps": 2, "batch_size": 4, "lr": 1e-2, "logging_steps": 1, "save_steps": 0},
+    }
+    result = run_experiment(
+        experiment_from_dict(exp), backend="cpu", run_dir=tmp_path / "r", progress=False
+    )
+    assert result.summary["status"] == "completed"
+    assert (tmp_path / "r" / "adapter").is_dir()
+    with pytest.raises(ExperimentError, match=r"quantization = 'nf4'.*'full'.*'paca' \(QPaCA\)"):
+        experiment_from_dict({**exp, "method": {"name": "full"}})
+    with pytest.raises(ExperimentError, match="quantization"):
+        experiment_from_dict({**exp, "model": {**exp["model"], "quantization": "int8"}})

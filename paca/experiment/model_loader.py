@@ -102,7 +102,7 @@ def _load_tiny(section: ModelSection, seed: int, num_labels: int) -> LoadedModel
         model = build_tiny(short, seed=seed, **options)
     except TypeError as exc:
         raise ExperimentError(f"[model].options do not fit {section.name}: {exc}") from None
-    model = model.to(_dtype(section))
+    model = _quantized(model.to(_dtype(section)), section)
     if is_vit:
         cfg = model.config
         return LoadedModel(
@@ -110,6 +110,19 @@ def _load_tiny(section: ModelSection, seed: int, num_labels: int) -> LoadedModel
             num_labels=cfg.num_labels,
         )  # fmt: skip
     return LoadedModel(model, "causal-lm", tokenizer=byte_tokenizer(), source="builtin")
+
+
+#: Output heads a 4-bit quantization leaves dense (as transformers' bitsandbytes loader).
+_HEADS = ["lm_head", "classifier", "score", "head"]
+
+
+def _quantized(model: nn.Module, section: ModelSection) -> nn.Module:
+    """A built-in model with ``[model].quantization`` applied (every linear but the head)."""
+    if section.quantization != "nf4":
+        return model
+    from paca.layers_quant import quantize_nf4
+
+    return quantize_nf4(model, "all-linear", exclude_modules=_HEADS)
 
 
 def _infer_task(config: Any) -> str:
@@ -128,6 +141,15 @@ def _load_pretrained(section: ModelSection, name: str, source: str, num_labels: 
     config = AutoConfig.from_pretrained(name, **common)
     task = section.task if section.task != "auto" else _infer_task(config)
     kwargs: dict[str, Any] = {**common, _dtype_keyword(): _dtype(section)}
+    if section.quantization == "nf4":  # quantized while loading, as QLoRA does
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=_dtype(section),
+        )
     if section.attn_implementation:
         kwargs["attn_implementation"] = section.attn_implementation
     tok_name = section.tokenizer or name

@@ -25,6 +25,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 METHODS = ("paca", "lora", "full", "frozen")
 TASKS = ("auto", "causal-lm", "image-classification")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "nf4")
 PRECISIONS = ("fp32", "bf16", "fp16")
 FORMATS = ("auto", "instruction", "text", "chat", "image")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -73,6 +74,14 @@ class ModelSection:
     trust_remote_code: bool = field(default=False, metadata=_meta("allow hub model code"))
     attn_implementation: str = field(
         default="", metadata=_meta("attention kernel ('' = the library's choice), e.g. sdpa")
+    )
+    quantization: str = field(
+        default="none",
+        metadata=_meta(
+            "frozen base in 4-bit: 'nf4' = bitsandbytes NF4 with double quantization "
+            "(QLoRA's format; paca -> QPaCA, lora -> QLoRA)",
+            QUANTIZATIONS,
+        ),
     )
     options: dict[str, Any] = field(
         default_factory=dict, metadata=_meta("keyword arguments of a built-in tiny builder")
@@ -348,6 +357,12 @@ def _check_semantics(exp: Experiment, where: str) -> None:
     tm = exp.method.target_modules
     if isinstance(tm, list) and not tm:
         raise ExperimentError(f"{where}[method].target_modules is empty: name at least one module")
+    if exp.model.quantization != "none" and exp.method.name == "full":
+        raise ExperimentError(
+            f"{where}[model].quantization = {exp.model.quantization!r} keeps the base frozen in "
+            f"4-bit, but [method].name = 'full' trains every weight: use 'paca' (QPaCA) or "
+            f"'lora' (QLoRA), or set quantization = 'none'"
+        )
     if exp.train.steps == 0 and exp.train.epochs <= 0 and exp.method.name != "frozen":
         raise ExperimentError(f"{where}[train]: set steps > 0 or epochs > 0")
 
