@@ -52,15 +52,24 @@ def _hook_events(ctx: CheckContext, *, enabled: bool = True) -> list[tuple[str, 
     events: list[tuple[str, bool]] = []
     bound_bwd, bound_step = b.on_backward_end, b.on_optimizer_step
 
+    errors: list[tuple[str, BaseException]] = []
+
     def on_backward_end() -> None:
         events.append(("on_backward_end", all(p.grad is not None for p in params)))
-        bound_bwd()
+        try:
+            bound_bwd()
+        except Exception as exc:  # noqa: BLE001 - reported below, naming the hook
+            errors.append(("on_backward_end", exc))
 
     def on_optimizer_step() -> None:
         events.append(("on_optimizer_step", True))
-        bound_step()
+        try:
+            bound_step()
+        except Exception as exc:  # noqa: BLE001
+            errors.append(("on_optimizer_step", exc))
 
     old_enabled = b.step_hooks_enabled
+    own_attr = "step_hooks_enabled" in vars(b)
     with (
         L.replaced(b, "on_backward_end", on_backward_end),
         L.replaced(b, "on_optimizer_step", on_optimizer_step),
@@ -75,7 +84,15 @@ def _hook_events(ctx: CheckContext, *, enabled: bool = True) -> list[tuple[str, 
             with torch.no_grad():
                 model(model.x)  # inference: no boundary
         finally:
-            b.step_hooks_enabled = old_enabled
+            if own_attr:
+                b.step_hooks_enabled = old_enabled
+            else:
+                vars(b).pop("step_hooks_enabled", None)
+    if errors:
+        hook, exc = errors[0]
+        raise ContractViolation(
+            f"raised {type(exc).__name__}: {exc} when the core called it in a training loop", hook
+        )
     return events
 
 
@@ -149,9 +166,15 @@ def check_lazy(ctx: CheckContext) -> str | None:
 _FRAME = re.compile(r"in (\w+)\n")
 
 
-def _blame_frames(text: str) -> str | None:
+def _blame_frames(text: str, exc: BaseException | None = None) -> str | None:
+    """The innermost Backend member in a traceback (dynamo's text, or ``exc``'s frames)."""
+    import traceback
+
     members = {n for n in dir(Backend) if not n.startswith("_")}
-    hits = [m for m in _FRAME.findall(text + "\n") if m in members]
+    names = _FRAME.findall(text + "\n")
+    if exc is not None:
+        names += [f.name for f in traceback.extract_tb(exc.__traceback__)]
+    hits = [m for m in names if m in members]
     return hits[-1] if hits else None
 
 
@@ -228,9 +251,17 @@ def _cuda_graph_replay(ctx: CheckContext) -> str:
     for p in params:
         p.grad = None
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_loss = model(static_x).square().mean()
-        static_loss.backward()
+    try:
+        with torch.cuda.graph(graph):
+            static_loss = model(static_x).square().mean()
+            static_loss.backward()
+    except Exception as exc:
+        raise ContractViolation(
+            f"CUDA graph capture of a PaCA model's forward and backward failed: "
+            f"{type(exc).__name__}: {exc} (no host synchronization, no new allocations "
+            f"outside torch's allocator, no CPU tensors inside the ops)",
+            _blame_frames("", exc),
+        ) from exc
     for step in range(2):
         static_x.copy_(ctx.on_device(ctx.randn(*static_x.shape, salt=1600 + step)))
         graph.replay()

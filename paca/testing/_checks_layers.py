@@ -371,7 +371,7 @@ def _autocast_works(device: torch.device, dtype: torch.dtype) -> bool:
 def check_dtype(ctx: CheckContext, dtype: torch.dtype) -> str | None:
     if DTYPE_CAPABILITIES[dtype] not in ctx.backend.capabilities:
         return _refused(ctx, dtype)
-    findings = Findings(ctx.backend)
+    findings = Findings(ctx)
     notes = []
     master = torch.float32 if "float32" in ctx.backend.capabilities else dtype
     for n, spec in enumerate(L.specs()):
@@ -520,7 +520,7 @@ def check_traffic(ctx: CheckContext) -> str | None:
     dtypes = [d for d in (torch.float32, torch.bfloat16) if d in ctx.declared_dtypes]
     if not dtypes:
         raise ContractSkip("declares neither float32 nor bfloat16")
-    findings = Findings(ctx.backend)
+    findings = Findings(ctx)
     figures = []
     for dtype in dtypes:
         configs = TRAFFIC_CONFIGS if dtype == dtypes[0] else TRAFFIC_CONFIGS[:1]

@@ -77,8 +77,10 @@ def run_calls(
     ctx: CheckContext, calls: Iterable[Call], check: Callable[[CheckContext, Call], None]
 ) -> Findings:
     """``check(ctx, call)`` for every call in member order, collecting one failure per member."""
-    findings = Findings(ctx.backend)
+    findings = Findings(ctx)
     for call in ordered(calls):
+        if findings.known(call.member):
+            continue  # one finding per member: the rest of its calls would only repeat it
         with findings.member(call.member, call.label):
             check(ctx, call)
     return findings
@@ -91,8 +93,14 @@ def _finish(findings: Findings, n_calls: int, what: str) -> str:
 
 # ------------------------------------------------------------------ values and shapes
 def check_values(ctx: CheckContext, call: Call) -> None:
+    """The results match the reference, and the inputs are untouched (a member that writes
+    an input it reads, e.g. scaling grad_out in place, is named here, before the fused op
+    that calls it gets wrong results from the damage)."""
     t = call.make()
-    call.check(ctx, call.invoke(ctx.backend, t))
+    before = _snapshot(call, t)
+    results = call.invoke(ctx.backend, t)
+    _expect_untouched(call, t, before)
+    call.check(ctx, results)
 
 
 def shape_cases(ctx: CheckContext, dtype: torch.dtype) -> list[Case]:
@@ -258,13 +266,23 @@ def check_determinism(ctx: CheckContext) -> str | None:
 
 
 # ------------------------------------------------------------------ purity
+def _snapshot(call: Call, t: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {
+        k: bits(v).clone()
+        for k, v in t.items()
+        if isinstance(v, torch.Tensor) and k not in call.writes
+    }
+
+
 def check_pure(ctx: CheckContext, call: Call) -> None:
     t = call.make()
-    before = {k: bits(v).clone() for k, v in t.items() if isinstance(v, torch.Tensor)}
+    before = _snapshot(call, t)
     call.invoke(ctx.backend, t)
+    _expect_untouched(call, t, before)
+
+
+def _expect_untouched(call: Call, t: dict[str, Any], before: dict[str, torch.Tensor]) -> None:
     for key, was in before.items():
-        if key in call.writes:
-            continue
         now = bits(t[key])
         if not torch.equal(now, was):
             n = int((now != was).sum())
@@ -461,3 +479,47 @@ def expect_values(ctx: CheckContext, call: Call, results: dict[str, Any]) -> Non
 
 
 __all__ = ["bit_equal", "check_values", "run_calls", "ordered"]
+
+
+# ------------------------------------------------------------------ diagnosis
+def diagnose(ctx: CheckContext, fused: str) -> dict[str, str]:
+    """The primitives ``fused`` (a default fused op) is built from that fail their own
+    value, purity or aliasing checks, with why: called when a fused op fails through a
+    real layer and no primitive failed in the same item, to name the defect's member."""
+    from paca.testing._contract import BUILT_FROM
+
+    primitives = tuple(m for m in BUILT_FROM.get(fused, ()) if m not in FUSED_MEMBERS)
+    if not primitives:
+        return {}
+    conv = fused.startswith("conv2d")
+    found: dict[str, str] = {}
+    inner = Findings(None)  # no diagnosis inside a diagnosis
+    for n, dtype in enumerate(ctx.declared_dtypes):
+        cases = (
+            [Case(ctx, CONV, dtype, salt=2000 + n)]
+            if conv
+            else [
+                Case(ctx, SMALL, dtype, salt=2000 + n),
+                Case(ctx, SWAPPING, dtype, Layout(weight="transposed"), salt=2010 + n),
+            ]
+        )
+        for call in ordered(c for case in cases for c in case.calls(primitives)):
+            for check in (check_values, check_unaliased):
+                if inner.known(call.member):
+                    break
+                with inner.member(call.member, call.label):
+                    check(ctx, call)
+    for member, why in inner.failures.items():
+        found[member] = why
+    return found
+
+
+#: Members that are fused ops or built on others (never "primitives" in a diagnosis).
+FUSED_MEMBERS = (
+    "linear_forward",
+    "linear_backward",
+    "conv2d_forward",
+    "conv2d_backward",
+    "quantized_linear_forward",
+    "quantized_linear_backward",
+)

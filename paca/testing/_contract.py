@@ -52,7 +52,9 @@ DTYPES = tuple(DTYPE_CAPABILITIES)
 BUILT_FROM: dict[str, tuple[str, ...]] = {
     "columns_applied": ("read_columns", "write_columns"),
     "linear_forward": ("gather", "linear", "columns_applied", "read_columns", "write_columns"),
-    "linear_backward": (
+    "linear_backward": (  # in a layer, x_sel comes from the forward
+        "gather",
+        "linear_forward",
         "input_grad",
         "delta_grad",
         "columns_applied",
@@ -61,6 +63,8 @@ BUILT_FROM: dict[str, tuple[str, ...]] = {
     ),
     "conv2d_forward": ("gather", "conv2d", "columns_applied", "read_columns", "write_columns"),
     "conv2d_backward": (
+        "gather",
+        "conv2d_forward",
         "conv2d_input_grad",
         "conv2d_delta_grad",
         "columns_applied",
@@ -241,14 +245,18 @@ class Findings:
     item naming every member that broke.
     """
 
-    def __init__(self, backend: Backend | None = None) -> None:
-        self.backend = backend
+    def __init__(self, ctx: CheckContext | None = None) -> None:
+        self.ctx = ctx
         self.failures: dict[str, str] = {}
         self.consequences: dict[str, str] = {}
         self.notes: list[str] = []
 
     def failed(self, member: str) -> bool:
         return member in self.failures
+
+    def known(self, member: str) -> bool:
+        """Whether ``member`` already failed, directly or as a consequence."""
+        return member in self.failures or member in self.consequences
 
     @contextlib.contextmanager
     def member(self, member: str, what: str = "") -> Iterator[None]:
@@ -277,6 +285,16 @@ class Findings:
         if blamed and blamed != member:  # the check blamed a more specific member
             member = blamed
         causes = [m for m in BUILT_FROM.get(member, ()) if m in self.failures]
+        if not causes and member in BUILT_FROM and self.ctx is not None:
+            # A fused op failed with no failing primitive in this item: if it is built from
+            # primitives, check those directly, so the defect is named where it is.
+            from paca.testing._checks_members import diagnose
+
+            for primitive, why in diagnose(self.ctx, member).items():
+                self.failures.setdefault(
+                    primitive, f"{why} (found diagnosing this failure of {member}: {message})"
+                )
+                causes.append(primitive)
         if causes:
             self.consequences[member] = f"{member} (built from {', '.join(causes)})"
         else:

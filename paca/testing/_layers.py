@@ -160,7 +160,7 @@ def layer_step(
     delta.grad = None
     with autocast(xin.device, compute):
         y = layer(xin)
-    y.backward(grad_out.to(y.dtype))
+    y.backward(grad_out.to(y.dtype, copy=True))  # a copy: steps never share a grad_out
     return Step(y.detach(), xin.grad, None if delta.grad is None else delta.grad.detach().clone())
 
 
