@@ -47,7 +47,7 @@ from torch import nn
 
 from paca import atomic, distributed
 from paca.config import PacaConfig
-from paca.names import unknown_adapter
+from paca.names import type_name, unknown_adapter
 from paca.targets import (
     ModulesToSaveError,
     TargetModulesNotFoundError,
@@ -137,7 +137,7 @@ def _saved_copies(model: PacaModel, adapter_name: str) -> list[tuple[str, nn.Mod
 def _saved_module_records(model: PacaModel, adapter_name: str) -> dict[str, dict[str, Any]]:
     return {
         path: {
-            "type": f"{type(copy).__module__}.{type(copy).__qualname__}",
+            "type": type_name(copy),
             "tensors": {k: list(t.shape) for k, t in copy.state_dict().items()},
         }
         for path, copy in _saved_copies(model, adapter_name)
@@ -150,7 +150,7 @@ def _module_records(model: PacaModel, adapter_name: str) -> dict[str, dict[str, 
         if adapter_name in layer.paca_delta:
             base = layer.base_layer
             records[path] = {
-                "type": f"{type(base).__module__}.{type(base).__qualname__}",
+                "type": type_name(base),
                 "weight_shape": list(distributed.full_shape(base.weight)),
                 "r": int(layer.paca_idx[adapter_name].numel()),
             }
@@ -160,7 +160,7 @@ def _module_records(model: PacaModel, adapter_name: str) -> dict[str, dict[str, 
 def _base_identity(model: nn.Module) -> dict[str, Any]:
     config = getattr(model, "config", None)
     return {
-        "class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "class": type_name(model),
         "name_or_path": getattr(config, "_name_or_path", None) or None,
     }
 
@@ -601,7 +601,7 @@ def _check_model(view: nn.Module, meta: dict[str, Any], config: PacaConfig) -> N
         if module is None:
             problems.append(f"module {path!r} does not exist in this model")
             continue
-        kind = f"{type(module).__module__}.{type(module).__qualname__}"
+        kind = type_name(module)
         shape = list(getattr(getattr(module, "weight", None), "shape", []))
         if kind != rec["type"]:
             problems.append(f"module {path!r} is a {kind}, the adapter was saved for {rec['type']}")
@@ -615,7 +615,7 @@ def _check_model(view: nn.Module, meta: dict[str, Any], config: PacaConfig) -> N
         if module is None:
             problems.append(f"module {path!r} (modules_to_save) does not exist in this model")
             continue
-        kind = f"{type(module).__module__}.{type(module).__qualname__}"
+        kind = type_name(module)
         if kind != rec["type"]:
             problems.append(
                 f"module {path!r} (modules_to_save) is a {kind}, the adapter was saved for "

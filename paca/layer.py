@@ -33,6 +33,7 @@ from paca.layers_base import (
 )
 from paca.layers_conv import PacaConv1D, PacaConv2d, is_hf_conv1d, is_plain_conv2d
 from paca.layers_quant import PacaLinear4bit, is_nf4_linear, quantized_hint
+from paca.names import type_name
 
 __all__ = [
     "BufferDict",
@@ -124,7 +125,7 @@ def unsupported_reason(module: nn.Module) -> str:
         return "its weight is not initialized yet (a lazy layer): run one forward pass first"
     if is_quantized_module(module):
         what = (
-            f"a {type(w).__module__}.{type(w).__qualname__} of dtype {w.dtype}"
+            f"a {type_name(w)} of dtype {w.dtype}"
             if isinstance(w, torch.Tensor)
             else "packed (qweight)"
         )

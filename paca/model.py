@@ -87,6 +87,25 @@ def _is_meta(model: nn.Module) -> bool:
     return any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers()))
 
 
+def _config_type_error(config: object, expected: str) -> PacaConfigError:
+    return PacaConfigError(
+        f"config must be {expected}, got {type(config).__name__}"
+        + (
+            "; build one with paca.PacaConfig(**d) or PacaConfig.from_dict(d)"
+            if isinstance(config, dict)
+            else " (a PEFT LoraConfig? PaCA takes paca.PacaConfig(r=..., ...))"
+        )
+    )
+
+
+def _check_loss_fn(loss_fn: object) -> None:
+    if loss_fn is not None and not callable(loss_fn):
+        raise PacaConfigError(
+            f"loss_fn must be callable as loss_fn(output, batch) -> loss, got "
+            f"{type(loss_fn).__name__}"
+        )
+
+
 def _call_wrapped(self: PacaModel, *args: Any, **kwargs: Any) -> Any:
     return self.model(*args, **kwargs)
 
@@ -281,22 +300,11 @@ class PacaModel(nn.Module):
         """
         check_adapter_name(name, "adapter name")
         if not isinstance(config, PacaConfig):
-            raise PacaConfigError(
-                f"config must be a paca.PacaConfig, got {type(config).__name__}"
-                + (
-                    "; build one with paca.PacaConfig(**d) or PacaConfig.from_dict(d)"
-                    if isinstance(config, dict)
-                    else " (a PEFT LoraConfig? PaCA takes paca.PacaConfig(r=..., ...))"
-                )
-            )
+            raise _config_type_error(config, "a paca.PacaConfig")
         config.validate()
         if name in self.paca_configs:
             raise ValueError(f"adapter {name!r} already exists; pick another name")
-        if loss_fn is not None and not callable(loss_fn):
-            raise PacaConfigError(
-                f"loss_fn must be callable as loss_fn(output, batch) -> loss, got "
-                f"{type(loss_fn).__name__}"
-            )
+        _check_loss_fn(loss_fn)
         targets = find_targets(base_view(self.model), config)
         given = dict(config.indices or {})
         unknown = sorted(set(given) - {n for n, _ in targets})
@@ -744,23 +752,12 @@ def wrap(
     if not isinstance(model, nn.Module):
         raise PacaConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if config is not None and not isinstance(config, PacaConfig):
-        raise PacaConfigError(
-            f"config must be a paca.PacaConfig or None, got {type(config).__name__}"
-            + (
-                "; build one with paca.PacaConfig(**d) or PacaConfig.from_dict(d)"
-                if isinstance(config, dict)
-                else " (a PEFT LoraConfig? PaCA takes paca.PacaConfig(r=..., ...))"
-            )
-        )
+        raise _config_type_error(config, "a paca.PacaConfig or None")
     config = (config or PacaConfig()).validate()
     check_adapter_name(adapter_name)
     if not isinstance(move_to_device, bool):
         raise PacaConfigError(f"move_to_device must be True or False, got {move_to_device!r}")
-    if loss_fn is not None and not callable(loss_fn):
-        raise PacaConfigError(
-            f"loss_fn must be callable as loss_fn(output, batch) -> loss, got "
-            f"{type(loss_fn).__name__}"
-        )
+    _check_loss_fn(loss_fn)
     if calibration is not None and (
         isinstance(calibration, (str, bytes, torch.Tensor, dict))
         or not isinstance(calibration, Iterable)

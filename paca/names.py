@@ -35,6 +35,11 @@ def did_you_mean(wanted: Iterable[str], choices: Sequence[str], n: int = 3) -> s
     return f"Did you mean: {', '.join(close)}?" if close else ""
 
 
+def type_name(obj: object) -> str:
+    """``module.QualifiedName`` of ``obj``'s type, as saved adapters record module types."""
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
 # --- adapter names ------------------------------------------------------------------
 class UnknownAdapterError(KeyError, ValueError):
     """An adapter name that the model does not have (the message lists those it has)."""

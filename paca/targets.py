@@ -18,7 +18,7 @@ from torch import nn
 from paca.config import ALL_LINEAR, PacaConfig
 from paca.layer import PacaLayer, is_quantized_module, layer_class_for, unsupported_reason
 from paca.modules_to_save import ModulesToSaveWrapper
-from paca.names import did_you_mean, is_internal, matches, output_head_names
+from paca.names import did_you_mean, is_internal, matches, output_head_names, type_name
 
 
 class TargetModulesNotFoundError(ValueError):
@@ -104,8 +104,7 @@ def find_targets(model: nn.Module, config: PacaConfig) -> list[tuple[str, nn.Mod
                 if isinstance(config.target_modules, str) or _has_supported_children(module):
                     continue  # a regex or a container match; adaptable layers match on their own
                 raise TypeError(
-                    f"target module {name!r} is a {type(module).__module__}."
-                    f"{type(module).__qualname__}, which PaCA cannot adapt: "
+                    f"target module {name!r} is a {type_name(module)}, which PaCA cannot adapt: "
                     f"{unsupported_reason(module)}. Remove it from target_modules or "
                     f"add it to exclude_modules."
                 )
@@ -115,7 +114,7 @@ def find_targets(model: nn.Module, config: PacaConfig) -> list[tuple[str, nn.Mod
         raise TypeError(
             f"target_modules={config.target_modules!r} matches {len(quantized)} quantized "
             f"layer(s) that PaCA cannot adapt, e.g. {[n for n, _ in quantized[:5]]} "
-            f"({type(first).__module__}.{type(first).__qualname__}): "
+            f"({type_name(first)}): "
             f"{unsupported_reason(first)}. To adapt only the other layers, add them to "
             f"exclude_modules."
         )
