@@ -22,7 +22,8 @@ from typing import Any
 
 #: ``target_modules`` value meaning "every supported layer except the output head".
 ALL_LINEAR = "all-linear"
-_DTYPES = {"float32", "bfloat16", "float16"}
+#: ``delta_dtype`` values (torch dtype names) besides ``None`` (the weight's dtype).
+DELTA_DTYPES = frozenset({"float32", "bfloat16", "float16"})
 
 
 class PacaConfigError(TypeError, ValueError):
@@ -217,9 +218,9 @@ def _delta_dtype(v: Any) -> str | None:
     if v is None:
         return None
     name = str(v).removeprefix("torch.") if type(v).__name__ == "dtype" else v
-    if not isinstance(name, str) or name not in _DTYPES:
+    if not isinstance(name, str) or name not in DELTA_DTYPES:
         raise PacaConfigError(
-            f"PacaConfig.delta_dtype must be one of {sorted(_DTYPES)} or None, got {_show(v)}"
+            f"PacaConfig.delta_dtype must be one of {sorted(DELTA_DTYPES)} or None, got {_show(v)}"
         )
     return name
 

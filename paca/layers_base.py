@@ -19,10 +19,11 @@ import torch
 from torch import nn
 
 from paca.backend_abc import Backend
+from paca.config import DELTA_DTYPES
 from paca.ops import backend_key, paca_linear
 from paca.steps import tag_parameter
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {name: getattr(torch, name) for name in DELTA_DTYPES}  # PacaConfig.delta_dtype
 
 
 class BufferDict(nn.Module):

@@ -86,7 +86,7 @@ def backend_for_key(key: str) -> Backend:
         ) from None
 
 
-def _no_autocast(device_type: str) -> Any:
+def no_autocast(device_type: str) -> Any:
     """Switch autocast off inside the op (its casts are done explicitly, once)."""
     try:
         if torch.is_autocast_enabled(device_type):
@@ -118,7 +118,7 @@ def _forward_impl(
         raise _dtype_error(x, weight)
     dtype = compute_dtype or x.dtype
     bc.require_dtype(b, dtype, "this PaCA linear layer")
-    with _no_autocast(x.device.type):
+    with no_autocast(x.device.type):
         x = x.to(dtype)
         w = weight.to(dtype)  # a copy only under autocast (as the frozen layer's cast)
         bias = bias.to(dtype) if bias is not None else None
@@ -146,7 +146,7 @@ def _backward_impl(
     """``(dX, d(delta))`` in the compute dtype and fp32; None where not needed."""
     dtype = x_sel.dtype
     member = "linear_backward"
-    with _no_autocast(grad_out.device.type):
+    with no_autocast(grad_out.device.type):
         g = grad_out.to(dtype)  # e.g. an fp32 loss gradient reaching a bf16 layer
         w = weight.to(dtype)
         d = bc.delta_for(b, delta)

@@ -17,7 +17,7 @@ import torch
 
 from paca import backend_call as bc
 from paca.backend_abc import Backend
-from paca.ops import BASE_WEIGHT_GRAD_MESSAGE, _no_autocast, autocast_dtype
+from paca.ops import BASE_WEIGHT_GRAD_MESSAGE, autocast_dtype, no_autocast
 from paca.steps import queue_backward_end
 
 Pair = tuple[int, int]
@@ -54,7 +54,7 @@ class PacaConv2dFunction(torch.autograd.Function):
         stride, padding, dilation = geometry
         dtype = _dtypes(x, weight, backend)
         member = "conv2d_forward"
-        with _no_autocast(x.device.type):
+        with no_autocast(x.device.type):
             x_c = x.to(dtype)
             w = weight.to(dtype)
             bias_c = bias.to(dtype) if bias is not None else None
@@ -102,7 +102,7 @@ class PacaConv2dFunction(torch.autograd.Function):
         if need_x or need_delta:
             member = "conv2d_backward"
             dtype = x_sel.dtype
-            with _no_autocast(grad_out.device.type):
+            with no_autocast(grad_out.device.type):
                 d = bc.delta_for(backend, delta)
                 out = bc.call(
                     backend,

@@ -40,7 +40,7 @@ import torch
 
 from paca import backend_call as bc
 from paca.backend_abc import Backend, BackendCapabilityError, BackendContractError
-from paca.ops import BASE_WEIGHT_GRAD_MESSAGE, _no_autocast, autocast_dtype, backend_for_key
+from paca.ops import BASE_WEIGHT_GRAD_MESSAGE, autocast_dtype, backend_for_key, no_autocast
 from paca.ops import backend_key as _backend_key
 from paca.steps import queue_backward_end
 
@@ -213,7 +213,7 @@ def _forward_impl(
     bc.require_dtype(b, dtype, "this QPaCA (4-bit) linear layer")
     out_features = int(quant_state.shape[0])
     member = "quantized_linear_forward"
-    with _no_autocast(x.device.type):
+    with no_autocast(x.device.type):
         x = x.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
         d = bc.delta_for(b, delta)
@@ -239,7 +239,7 @@ def _backward_impl(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     dtype = x_sel.dtype
     member = "quantized_linear_backward"
-    with _no_autocast(grad_out.device.type):
+    with no_autocast(grad_out.device.type):
         g = grad_out.to(dtype)
         d = bc.delta_for(b, delta)
         out = bc.call(
