@@ -21,6 +21,8 @@ import logging
 import os
 import sys
 
+from paca.environment import env_flag
+
 SUBCOMMANDS = [
     "paca.cli.run",
     "paca.cli.backends",
@@ -64,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def debug_requested(argv: list[str] | None = None) -> bool:
     """``--debug`` among the arguments, or ``PACA_DEBUG`` set to a true value."""
-    flag = os.environ.get(DEBUG_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+    flag = env_flag(DEBUG_ENV)
     args = sys.argv[1:] if argv is None else argv
     return flag or "--debug" in args
 
