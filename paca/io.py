@@ -154,6 +154,9 @@ def _module_records(model: PacaModel, adapter_name: str) -> dict[str, dict[str, 
                 "weight_shape": list(distributed.full_shape(base.weight)),
                 "r": int(layer.paca_idx[adapter_name].numel()),
             }
+            state = getattr(base.weight, "quant_state", None)
+            if state is not None:  # a 4-bit weight's shape is packed: also record (out, in)
+                records[path]["shape_oi"] = [int(n) for n in state.shape]
     return records
 
 
@@ -591,6 +594,19 @@ def _config_of(saved: _Saved) -> PacaConfig:
         ) from e
 
 
+#: Layer types whose adapters fit each other: a dense ``nn.Linear`` and a bitsandbytes 4-bit
+#: ``Linear4bit`` of the same ``(out, in)`` (train on the 4-bit base, load onto the dense one).
+_LINEAR_TYPES = {
+    "torch.nn.modules.linear.Linear",
+    "bitsandbytes.nn.modules.Linear4bit",
+    "bitsandbytes.nn.modules.LinearNF4",
+}
+
+
+def _linear_like(kind: str) -> bool:
+    return kind in _LINEAR_TYPES
+
+
 def _check_model(view: nn.Module, meta: dict[str, Any], config: PacaConfig) -> None:
     """Refuse a model whose target modules or their shapes differ from the saved ones."""
     modules = dict(view.named_modules())
@@ -603,6 +619,11 @@ def _check_model(view: nn.Module, meta: dict[str, Any], config: PacaConfig) -> N
             continue
         kind = type_name(module)
         shape = list(getattr(getattr(module, "weight", None), "shape", []))
+        if _linear_like(kind) and _linear_like(rec["type"]):  # dense and 4-bit interchange
+            state = getattr(getattr(module, "weight", None), "quant_state", None)
+            shape = [int(n) for n in state.shape] if state is not None else shape
+            saved_shape = rec.get("shape_oi", rec["weight_shape"])
+            kind, rec = rec["type"], {**rec, "weight_shape": saved_shape}
         if kind != rec["type"]:
             problems.append(f"module {path!r} is a {kind}, the adapter was saved for {rec['type']}")
         elif shape != rec["weight_shape"]:

@@ -241,6 +241,42 @@ def test_save_load_adapter_holds_no_base_and_reproduces_outputs(tmp_path):
         assert torch.equal(loaded(x), want)
 
 
+def _dequantized_net(quantized: Net) -> Net:
+    """The same network with dense weights ``dequant(W)``."""
+    dense = Net()
+    with torch.no_grad():
+        for n in ("a", "b"):
+            q = getattr(quantized, n)
+            getattr(dense, n).weight.copy_(nf4_dequantize(q.weight, q.weight.quant_state))
+        dense.a.bias.copy_(quantized.a.bias)
+    return dense
+
+
+def test_a_4bit_adapter_loads_onto_the_dense_model_and_back(tmp_path):
+    quantized = _qnet()
+    dense = _dequantized_net(quantized)
+    pm = _wrap(quantized)
+    x = torch.randn(3, IN)
+    with torch.no_grad():
+        want = pm(x)
+    pm.save_pretrained(tmp_path / "q")
+    on_dense = paca.load(dense, tmp_path / "q")
+    assert type(on_dense.model.a) is PacaLinear
+    with torch.no_grad():
+        torch.testing.assert_close(on_dense(x), want, rtol=1e-5, atol=1e-5)
+    on_dense.save_pretrained(tmp_path / "d")
+    back = paca.load(_qnet(), tmp_path / "d")
+    assert type(back.model.a) is PacaLinear4bit
+    with torch.no_grad():
+        assert torch.equal(back(x), want)
+    from paca.io import AdapterMismatchError
+
+    other = Net()
+    other.a = nn.Linear(IN, HID + 1)
+    with pytest.raises(AdapterMismatchError, match=r"module 'a' has weight shape \[129, 64\]"):
+        paca.load(other, tmp_path / "q")
+
+
 def test_merge_into_4bit_is_refused_and_merge_and_unload_returns_a_dense_model():
     model = _qnet()
     before = _snapshot(model)
