@@ -21,15 +21,24 @@ _LAZY = {
     "PacaConfig": "paca.config",
     "PacaModel": "paca.model",
     "wrap": "paca.model",
-    "TargetModulesNotFoundError": "paca.model",
-    "ModulesToSaveError": "paca.model",
+    "PacaConfigError": "paca.config",
+    "TargetModulesNotFoundError": "paca.targets",
+    "ModulesToSaveError": "paca.targets",
+    "UnknownAdapterError": "paca.names",
+    "TiedWeightsError": "paca.tied_weights",
+    "MergeError": "paca.model",
+    "TrainableOutsideAdapterError": "paca.model",
     "Backend": "paca.backend_abc",
     "BackendUnavailableError": "paca.backend_abc",
+    "BackendCapabilityError": "paca.backend_abc",
+    "BackendContractError": "paca.backend_abc",
     "UnknownBackendError": "paca._registry",
     "BackendBuildError": "paca._registry",
     "BackendInfo": "paca._registry",
     "load": "paca.model",
     "AdapterMismatchError": "paca.io",
+    "AdapterFormatError": "paca.io",
+    "AdapterFileError": "paca.io",
     "export_lora": "paca.export",
     "ExportError": "paca.export",
     "quantize_nf4": "paca.layers_quant",
@@ -38,25 +47,42 @@ _LAZY = {
 
 if TYPE_CHECKING:  # pragma: no cover
     from paca._registry import BackendBuildError, BackendInfo, UnknownBackendError
-    from paca.backend_abc import Backend, BackendUnavailableError
-    from paca.config import PacaConfig
+    from paca.backend_abc import (
+        Backend,
+        BackendCapabilityError,
+        BackendContractError,
+        BackendUnavailableError,
+    )
+    from paca.config import PacaConfig, PacaConfigError
     from paca.estimate import estimate_memory
     from paca.export import ExportError, export_lora
-    from paca.io import AdapterMismatchError
+    from paca.io import AdapterFileError, AdapterFormatError, AdapterMismatchError
     from paca.layers_quant import quantize_nf4
-    from paca.model import ModulesToSaveError, PacaModel, TargetModulesNotFoundError, load, wrap
+    from paca.model import MergeError, PacaModel, TrainableOutsideAdapterError, load, wrap
+    from paca.names import UnknownAdapterError
+    from paca.targets import ModulesToSaveError, TargetModulesNotFoundError
+    from paca.tied_weights import TiedWeightsError
 
 __all__ = [
+    "AdapterFileError",
+    "AdapterFormatError",
     "AdapterMismatchError",
     "Backend",
     "BackendBuildError",
+    "BackendCapabilityError",
+    "BackendContractError",
     "BackendInfo",
     "BackendUnavailableError",
     "ExportError",
+    "MergeError",
     "ModulesToSaveError",
     "PacaConfig",
+    "PacaConfigError",
     "PacaModel",
     "TargetModulesNotFoundError",
+    "TiedWeightsError",
+    "TrainableOutsideAdapterError",
+    "UnknownAdapterError",
     "UnknownBackendError",
     "backend",
     "block_backend",
@@ -79,6 +105,12 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
+
+
+def __dir__() -> list[str]:
+    """The public API (``__all__``), also before the lazy names are first used, so tab
+    completion (IPython, Jupyter) shows it."""
+    return sorted(__all__)
 
 
 def _reg() -> Any:
