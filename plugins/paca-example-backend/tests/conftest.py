@@ -1,4 +1,4 @@
-"""Each test starts with a fresh paca registry and no backend-selecting env vars.
+"""Each test starts with no backend-selecting env vars and ends with auto-detection again.
 
 If the package is not installed, its source is put on ``sys.path`` so the unit tests
 still run; the tests that need the ``paca.backends`` entry point then fail and say
@@ -18,12 +18,13 @@ if importlib.util.find_spec("paca_example_backend") is None:  # pragma: no cover
 
 
 @pytest.fixture(autouse=True)
-def _fresh_registry(monkeypatch: pytest.MonkeyPatch):
-    from paca._registry import reset_registry
+def _fresh_selection(monkeypatch: pytest.MonkeyPatch):
+    """No backend-selecting env vars, and auto-detection again after each test (public API
+    only: ``paca.use_backend(None)``)."""
+    import paca
 
     for var in ("PACA_BACKEND", "PACA_DISABLE_PLUGIN_AUTOLOAD", "PACA_BLOCKED_BACKENDS"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.delenv("PACA_TRACE_CHECK_FINITE", raising=False)
-    reset_registry()
     yield
-    reset_registry()
+    paca.use_backend(None)

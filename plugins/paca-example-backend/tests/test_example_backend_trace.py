@@ -40,28 +40,52 @@ def test_registered_through_its_entry_point_and_never_auto_selected():
     assert paca.get_backend().name != "trace"
 
 
-def test_records_every_primitive_per_step_and_computes_like_cpu(monkeypatch):
-    monkeypatch.delenv("PACA_WEIGHT_CACHE", raising=False)
+def test_records_every_call_per_step_and_computes_like_cpu():
     _, want = _train("cpu")
     if "trace" not in {i.name for i in paca.list_backends()}:
         pytest.fail("not installed: pip install -e plugins/paca-example-backend", pytrace=False)
     backend = paca.use_backend("trace")
     assert isinstance(backend, TraceBackend)
+    backend.trace.clear()  # the process's one "trace" instance may have run before
     _, got = _train("trace")
     assert got == want  # the same CPU arithmetic, only observed
     trace = backend.trace
     assert trace.step == 3 and trace.backward_passes == 3
-    # per step, per PaCA layer: forward builds W_eff, one GEMM, saves x[..., idx];
-    # backward needs dX only for the second layer (the first one's input is data).
-    step0 = trace.counts(step=0)
-    assert step0["linear"] == 2 and step0["gather"] == 2 and step0["delta_grad"] == 2
-    assert step0["input_grad"] == 1
-    assert step0["effective_weight"] in (2, 3)  # 3 without the effective-weight cache
-    assert trace.counts()["linear"] == 6
+    # per step, per PaCA layer: one fused forward and one fused backward (the first layer's
+    # backward is asked for d(delta) only: its input is data)
+    assert trace.counts(step=0) == {"linear_forward": 2, "linear_backward": 2}
+    assert trace.counts()["linear_forward"] == 6
     first = trace.events[0]
-    assert first.primitive == "effective_weight" and first.shapes[0] == (32, 16)
-    assert "delta_grad" in trace.summary() and "optimizer steps: 3" in trace.summary()
+    assert first.call == "linear_forward"
+    assert first.shapes[:2] == ((5, 16), (32, 16))  # x, then the (out, in) weight
+    assert "linear_backward" in trace.summary() and "optimizer steps: 3" in trace.summary()
     json.dumps(trace.to_records())
+
+
+def test_merge_writes_r_columns_per_layer_through_write_columns():
+    """The kind of question the trace answers: what does a merge write?"""
+    backend = TraceBackend()
+    model = paca.wrap(_model(), paca.PacaConfig(r=4, target_modules=["0", "2"]), backend=backend)
+    model.merge()
+    writes = [e for e in backend.trace.events if e.call == "write_columns"]
+    assert len(writes) == 2  # one per layer, r columns each: never the whole weight
+    assert [e.shapes[2] for e in writes] == [(32, 4), (8, 4)]
+    model.unmerge()
+    assert backend.trace.counts()["write_columns"] == 4
+
+
+def test_gradient_accumulation_shows_one_step_per_optimizer_step():
+    backend = TraceBackend()
+    model = paca.wrap(_model(), paca.PacaConfig(r=4, target_modules=["0", "2"]), backend=backend)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    x = torch.randn(5, 16)
+    for _ in range(2):
+        for _ in range(2):  # two micro-batches per optimizer step
+            model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert backend.trace.step == 2 and backend.trace.backward_passes == 4
+    assert backend.trace.counts(step=1) == {"linear_forward": 4, "linear_backward": 4}
 
 
 def test_bounded_log_keeps_totals():
@@ -75,7 +99,7 @@ def test_bounded_log_keeps_totals():
     assert backend.trace.counts() == {} and backend.trace.step == 0
 
 
-def test_check_finite_names_the_first_primitive_that_overflows():
+def test_check_finite_names_the_first_call_that_overflows():
     backend = TraceBackend(check_finite=True)
     x = torch.full((2, 40), 300.0, dtype=torch.float16)
     w = torch.full((3, 40), 300.0, dtype=torch.float16)  # 40 * 9e4 overflows fp16
@@ -126,31 +150,3 @@ def test_traced_unavailable_backend_says_why():
         cls.unavailable_reason()
         == "the traced backend 'missing' is unavailable: no device attached"
     )
-
-
-def test_trace_shows_what_the_effective_weight_cache_saves(monkeypatch):
-    """The kind of question the trace answers: what does PACA_WEIGHT_CACHE=step change?"""
-    from paca import weight_cache
-
-    monkeypatch.delenv("PACA_WEIGHT_CACHE", raising=False)
-    counts = {}
-    for cache in (False, True):
-        backend = TraceBackend()
-        model = paca.wrap(
-            _model(), paca.PacaConfig(r=4, target_modules=["0", "2"]), backend=backend
-        )
-        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-        x = torch.randn(5, 16)
-        with weight_cache.enabled(cache):
-            for _ in range(2):
-                for _ in range(2):  # two micro-batches per optimizer step
-                    model(x).square().mean().backward()
-                opt.step()
-                opt.zero_grad()
-        counts[cache] = backend.trace.counts(step=1)
-        weight_cache.clear()
-    # uncached: W_eff built per forward (2 layers x 2) and per backward needing dX (1 x 2)
-    assert counts[False].get("effective_weight") == 6 and "write_columns" not in counts[False]
-    # cached: the r changed columns are written once per layer per step instead
-    assert "effective_weight" not in counts[True] and counts[True]["write_columns"] == 2
-    assert counts[True]["linear"] == counts[False]["linear"] == 4

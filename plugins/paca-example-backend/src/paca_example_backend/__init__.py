@@ -3,12 +3,12 @@
     import paca
     backend = paca.use_backend("trace")           # CPU compute, every call recorded
     ... train as usual ...
-    print(backend.trace.summary())                # calls and time per primitive
+    print(backend.trace.summary())                # calls and time per backend member
 
     paca.register_backend(traced("cuda"))         # the same, around another backend
     paca.use_backend("trace-cuda")
 
-``PACA_TRACE_CHECK_FINITE=1`` stops at the first primitive that produces NaN/Inf.
+``PACA_TRACE_CHECK_FINITE=1`` stops at the first backend call that produces NaN/Inf.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The record of primitive calls a :class:`~paca_example_backend.TraceBackend` keeps."""
+"""The record of backend calls a :class:`~paca_example_backend.TraceBackend` keeps."""
 
 from __future__ import annotations
 
@@ -7,17 +7,17 @@ from typing import Any, NamedTuple
 
 
 class TraceEvent(NamedTuple):
-    """One primitive call."""
+    """One call paca made to the backend (a fused op, or a primitive such as write_columns)."""
 
     step: int  # optimizer steps completed before the call
-    primitive: str
+    call: str  # the Backend member called, e.g. "linear_forward"
     shapes: tuple[tuple[int, ...], ...]  # of the tensor arguments, in order
     dtypes: tuple[str, ...]
     seconds: float
 
 
 class Trace:
-    """Bounded event log plus unbounded per-primitive totals (so long runs stay cheap)."""
+    """Bounded event log plus unbounded per-call totals (so long runs stay cheap)."""
 
     def __init__(self, max_events: int = 100_000) -> None:
         self.events: deque[TraceEvent] = deque(maxlen=max_events)
@@ -28,8 +28,8 @@ class Trace:
 
     def record(self, event: TraceEvent) -> None:
         self.events.append(event)
-        self.calls[event.primitive] += 1
-        self.seconds[event.primitive] += event.seconds
+        self.calls[event.call] += 1
+        self.seconds[event.call] += event.seconds
 
     def clear(self) -> None:
         """Forget all events, totals and step counts (e.g. after warm-up)."""
@@ -45,18 +45,18 @@ class Trace:
         return sum(self.calls.values()) - len(self.events)
 
     def counts(self, step: int | None = None) -> dict[str, int]:
-        """Calls per primitive, overall or (from the kept events) during optimizer step ``step``."""
+        """Calls per member, overall or (from the kept events) during optimizer step ``step``."""
         if step is None:
             return dict(self.calls)
-        return dict(Counter(e.primitive for e in self.events if e.step == step))
+        return dict(Counter(e.call for e in self.events if e.step == step))
 
     def to_records(self) -> list[dict[str, Any]]:
         """The kept events as JSON-ready dicts."""
         return [e._asdict() | {"shapes": [list(s) for s in e.shapes]} for e in self.events]
 
     def summary(self) -> str:
-        """A table of calls and time per primitive, then step counts."""
-        rows = [("PRIMITIVE", "CALLS", "TOTAL MS", "MEAN US")]
+        """A table of calls and time per member, then step counts."""
+        rows = [("CALL", "CALLS", "TOTAL MS", "MEAN US")]
         for name in sorted(self.calls):
             n, s = self.calls[name], self.seconds[name]
             rows.append((name, str(n), f"{s * 1e3:.3f}", f"{s / n * 1e6:.1f}"))
