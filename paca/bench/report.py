@@ -92,6 +92,42 @@ def _traffic_rows(result: dict[str, Any]) -> list[str]:
             f"| {_frac(e.get('extra_fwd_bwd_fraction'))} "
             f"| {_mib(e.get('extra_step_bytes'), 2)} | {_frac(e.get('extra_step_fraction'))} |"
         )
+    return lines + _layer_traffic_rows(methods)
+
+
+def _layer_traffic_rows(methods: dict[str, Any]) -> list[str]:
+    per = {n: methods[n]["layer_traffic"] for n in methods if methods[n].get("layer_traffic")}
+    if not per:
+        return []
+    names = list(per)
+    head = " | ".join(f"{_label(n)} beyond frozen KiB | ÷ weight" for n in names)
+    lines = [
+        "",
+        "Per adapted layer (the op's bound): one forward+backward of the layer on the "
+        "step's input shape, bytes written beyond the same layer frozen:",
+        "",
+        f"| layer (in→out) | layers | weight KiB | {head} |",
+        "|---|---:|---:|" + "---:|---:|" * len(names),
+    ]
+    shapes = list(dict.fromkeys(k for n in names for k in per[n]["shapes"]))
+    for key in shapes:
+        cells, first = [], None
+        for n in names:
+            sh = per[n]["shapes"].get(key)
+            first = first or sh
+            cells.append(
+                "– | –"
+                if sh is None
+                else f"{sh['extra_bytes'] / 1024:,.1f} | {_frac(sh['extra_fraction'])}"
+            )
+        lines.append(
+            f"| {key.replace('->', '→')} | {first['layers']} | {first['weight_bytes'] / 1024:,.0f} "
+            f"| {' | '.join(cells)} |"
+        )
+    total = " | ".join(
+        f"{per[n]['extra_bytes'] / 1024:,.1f} | {_frac(per[n]['extra_fraction'])}" for n in names
+    )
+    lines.append(f"| all adapted layers | | | {total} |")
     return lines
 
 
@@ -99,7 +135,7 @@ _METRICS = {
     "step_time_s": "step time (paired per-round median)",
     "saved_activation_bytes": "saved activation bytes",
     "max_seq": "max seq",
-    "extra_write_fraction": "bytes written (fwd+bwd) beyond the frozen bound ÷ adapted weights",
+    "extra_write_fraction": "bytes a layer step writes beyond the frozen layer ÷ its weight's",
 }
 
 

@@ -22,14 +22,14 @@ from paca.bench.methods import (
     train_step,
 )
 from paca.bench.seqlen import computed_max_seq, searched_max_seq
-from paca.bench.traffic import extra_traffic, step_traffic
+from paca.bench.traffic import extra_traffic, layer_traffic, step_traffic
 
 SCHEMA = "paca-bench/1"
 
 #: Targets from the issues: (metric, comparison, reference method, threshold). Step time
 #: is compared by the median of the per-round paired ratios (rounds interleave methods);
-#: ``extra_write_fraction`` is what PaCA's forward+backward writes beyond the frozen
-#: bound's, divided by the adapted weights' bytes.
+#: ``extra_write_fraction`` is the op's bound: what a PaCA layer's forward+backward writes
+#: beyond the same layer frozen, divided by its weight's bytes (the worst layer shape).
 TARGETS: list[dict[str, Any]] = [
     {"metric": "saved_activation_bytes", "vs": "frozen", "op": "within", "value": 0.02},
     {"metric": "saved_activation_bytes", "vs": "lora", "op": "<=", "value": 0.76},
@@ -147,7 +147,7 @@ def _measured(
     if "paca" not in methods or ref not in methods:
         return None
     if target["metric"] == "extra_write_fraction":
-        return (extra.get("paca") or {}).get("extra_fwd_bwd_fraction")
+        return (methods["paca"].get("layer_traffic") or {}).get("worst_extra_fraction")
     if target["metric"] == "step_time_s" and f"paca/{ref}" in pairs:
         return pairs[f"paca/{ref}"]["median"]
     return ratios(methods, ref)["paca"][target["metric"]]
@@ -235,6 +235,9 @@ def run_benchmark(config: BenchConfig, progress: Progress | None = None) -> dict
         }
         if config.traffic:
             methods[setup.name]["write_traffic"] = step_traffic(setup, ids)
+            if setup.name in ("paca", "lora"):  # adapter layers: each vs its frozen base
+                lead = (config.batch, config.seq)
+                methods[setup.name]["layer_traffic"] = layer_traffic(setup.target_layers, lead)
             tick(f"write traffic {setup.name}", 1)
 
     env["load_average_end"] = load_average()
