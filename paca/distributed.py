@@ -286,6 +286,12 @@ def sharded_checkpoint_hint(directory: str | os.PathLike[str]) -> str | None:
 
 
 # ------------------------------------------------------------------ agreement across ranks
+def _is_paca_model(model: object) -> bool:
+    """A :class:`~paca.model.PacaModel`, also when FSDP2 made it an ``FSDPPacaModel``
+    (duck-typed: this module is imported by :mod:`paca.io`, which the model imports)."""
+    return callable(getattr(type(model), "paca_layers", None)) and hasattr(model, "paca_configs")
+
+
 def _idx_digest(model: PacaModel) -> dict[str, str]:
     digests: dict[str, Any] = {}
     for path, layer in model.paca_layers():
@@ -302,19 +308,15 @@ def rank_facts(model: nn.Module) -> dict[str, Any]:
     """What every rank of one training job must agree on (compared by :func:`check_ranks_agree`)."""
     import torch.distributed as dist
 
-    from paca.model import PacaModel
-
     inner = model
-    while not isinstance(inner, PacaModel) and isinstance(
-        getattr(inner, "module", None), nn.Module
-    ):
+    while not _is_paca_model(inner) and isinstance(getattr(inner, "module", None), nn.Module):
         inner = inner.module  # DDP, a DeepSpeed engine
     inner = getattr(inner, "_orig_mod", inner)  # torch.compile
     facts: dict[str, Any] = {
         "process_group": str(dist.get_backend()) if is_distributed() else None,
         "torch": torch.__version__.split("+")[0],
     }
-    if isinstance(inner, PacaModel):
+    if _is_paca_model(inner):
         b = inner.backend
         trainable = [
             (n, tuple(full_shape(p))) for n, p in inner.named_parameters() if p.requires_grad
@@ -329,6 +331,15 @@ def rank_facts(model: nn.Module) -> dict[str, Any]:
     return facts
 
 
+_FACT_NAMES = {
+    "paca_backend": "the paca backend differs",
+    "device_type": "the device type differs",
+    "process_group": "the process-group backend differs",
+    "torch": "the torch version differs",
+    "active_adapter": "the active adapter differs",
+    "columns": "the trained columns differ",
+    "trainable": "the trainable parameters differ",
+}
 _WHAT_TO_DO = {
     "paca_backend": "give every rank the same paca backend (PACA_BACKEND=NAME, or "
     "paca.wrap(..., backend=NAME) on every rank)",
@@ -377,7 +388,8 @@ def check_ranks_agree(model: nn.Module, group: Any = None) -> None:
         values = [f.get(key) for f in every]
         if any(v != values[0] for v in values):
             by_rank = ", ".join(f"rank {i}: {v!r}" for i, v in enumerate(values))
-            problems.append(f"{key} differs ({by_rank}); {_WHAT_TO_DO.get(key, 'make it equal')}")
+            what = _FACT_NAMES.get(key, f"{key} differs")
+            problems.append(f"{what} ({by_rank}); {_WHAT_TO_DO.get(key, 'make it equal')}")
     if problems:
         raise DistributedSetupError(
             "the ranks of this job cannot train one PaCA model together: " + "; ".join(problems)
@@ -422,9 +434,7 @@ def decoder_layers(
     """The modules to shard one by one: instances of ``layer_classes`` (classes or class
     names), by default the transformers model's ``_no_split_modules`` (e.g.
     ``LlamaDecoderLayer``). Outermost matches only (no layer inside another)."""
-    from paca.model import PacaModel
-
-    inner = model.get_base_model() if isinstance(model, PacaModel) else model
+    inner = model.get_base_model() if _is_paca_model(model) else model
     wanted = list(layer_classes) if layer_classes is not None else None
     if wanted is None:
         wanted = list(getattr(inner, "_no_split_modules", None) or [])
@@ -535,3 +545,76 @@ def shard_shape_hint(saved: tuple[int, ...], have: tuple[int, ...]) -> str:
             f"model? a PaCA adapter is saved full by model.save_pretrained called on every rank)"
         )
     return ""
+
+
+# ------------------------------------------------------------------ launching and configs
+def under_torchrun() -> bool:
+    """Whether this process is one rank of a torchrun (``torch.distributed.run``) job."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+
+
+def launch(nproc: int, argv: list[str], module: str = "paca") -> int:
+    """Run ``python -m MODULE ARGV`` on ``nproc`` local ranks with torchrun; its exit status.
+
+    The same as ``torchrun --standalone --nproc_per_node NPROC -m MODULE ARGV``
+    (``python -m torch.distributed.run``, so no ``torchrun`` script needs to be on PATH).
+    Ctrl-C reaches the ranks too (one foreground process group); this waits for them.
+    """
+    import subprocess
+
+    if nproc < 1:
+        raise DistributedSetupError(f"--nproc must be at least 1, got {nproc}")
+    if under_torchrun():
+        raise DistributedSetupError(
+            "this process already is a torchrun rank (LOCAL_RANK is set): drop --nproc, "
+            "torchrun decides the world size"
+        )
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc_per_node={nproc}", "-m", module, *argv,
+    ]  # fmt: skip
+    logger.info("launching %d ranks: %s", nproc, " ".join(cmd))
+    proc = subprocess.Popen(cmd)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.wait()
+        raise
+
+
+def deepspeed_config(stage: int, gaudi: bool = False) -> dict[str, Any]:
+    """A DeepSpeed config for the Trainer (``TrainingArguments(deepspeed=...)``) at ZeRO
+    ``stage`` (1, 2 or 3); sizes, clipping and precision are ``"auto"`` (filled in from the
+    TrainingArguments). The files in ``examples/deepspeed/`` are these configs.
+
+    ``gaudi``: optimum-habana's Gaudi settings (bf16; no communication overlap,
+    reduce-scatter or contiguous gradients at ZeRO-2, as in its own configs).
+    """
+    if stage not in (1, 2, 3):
+        raise ValueError(f"ZeRO stage must be 1, 2 or 3, got {stage!r}")
+    zero: dict[str, Any] = {"stage": stage}
+    if stage == 2 and gaudi:
+        zero.update(overlap_comm=False, reduce_scatter=False, contiguous_gradients=False)
+    if stage == 3:
+        zero.update(
+            overlap_comm=not gaudi,
+            stage3_param_persistence_threshold="auto",
+            stage3_prefetch_bucket_size="auto",
+            # the adapter is saved by gathering only the deltas (PacaTrainer.save_model)
+            stage3_gather_16bit_weights_on_model_save=False,
+        )
+    config: dict[str, Any] = {
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": True if gaudi else "auto"},
+        "zero_optimization": zero,
+        # the Trainer's torch AdamW over the deltas (DeepSpeed's fused optimizers need
+        # compiled ops; the deltas are small)
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1000,
+    }
+    if not gaudi:
+        config["fp16"] = {"enabled": "auto"}
+    return config

@@ -5,12 +5,16 @@ paca run exp.toml --backend hpu        # one experiment, any backend
 paca run llama3-8b-oasst1              # a shipped experiment, by name
 paca run exp.toml --set train.steps=50 --set method.name=lora
 paca run --resume runs/exp-cpu-20250101-120000
+paca run exp.toml --nproc 2            # 2 local ranks (torchrun), DDP; docs/distributed.md
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +48,16 @@ def add_parser(sub: Any) -> None:
     )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument(
+        "--nproc", type=int, default=None, metavar="N",
+        help="train on N local processes: starts torchrun (python -m torch.distributed.run) "
+        "with N ranks; [train].batch_size is the global batch (docs/distributed.md)",
+    )  # fmt: skip
+    p.add_argument(
+        "--strategy", choices=["ddp", "fsdp2", "deepspeed"], default=None,
+        help="how the ranks share the model: ddp (default), fsdp2, or deepspeed "
+        "([train].deepspeed config, else ZeRO-2)",
+    )  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -100,20 +114,85 @@ def run(args: argparse.Namespace) -> int:
         if folder.exists() and not folder.is_dir():
             raise UsageError(f"--resume {folder} is a file; give the run folder to continue")
 
+    if args.resume and args.nproc is None:
+        args.nproc = _recorded_world_size(Path(args.resume))  # resume as it ran
+    if args.nproc is not None:
+        return _launch(args, exp)
+
+    from paca import distributed
     from paca.experiment.runner import run_experiment
 
-    result = run_experiment(
-        exp,
-        backend=args.backend,
-        run_dir=args.resume or args.run_dir,
-        resume=bool(args.resume),
-        progress=not (args.no_progress or args.json),
-    )
+    # --json: stdout is for the summary only; libraries that print there while the run
+    # imports them (DeepSpeed's accelerator notice, once accelerate finds it installed)
+    # print to stderr instead.
+    quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
+    with quiet:
+        result = run_experiment(
+            exp,
+            backend=args.backend,
+            run_dir=args.resume or args.run_dir,
+            resume=bool(args.resume),
+            progress=not (args.no_progress or args.json),
+            strategy=args.strategy,
+        )
+    if not distributed.is_writer():
+        return 0  # rank 0 prints the summary
     s = result.summary
     if args.json:
         print(json.dumps({"run_dir": str(result.run_dir), **s}, indent=2, default=str))
         return 0
     print(format_summary(s, str(result.run_dir)))
+    return 0
+
+
+def _recorded_world_size(folder: Path) -> int | None:
+    """The world size a run folder recorded, when it ran on several ranks (else None)."""
+    from paca import distributed
+
+    try:
+        world = json.loads((folder / "summary.json").read_text(encoding="utf-8"))["world_size"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(world, int) or world <= 1 or distributed.under_torchrun():
+        return None
+    return world
+
+
+def _launch(args: argparse.Namespace, exp: Any) -> int:
+    """``--nproc N``: the same ``paca run`` on N ranks under torchrun (N=1: in-process)."""
+    from paca import distributed
+    from paca.experiment.runner import _select_backend, default_run_dir
+
+    if args.nproc < 1:
+        raise UsageError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.nproc == 1 and not distributed.under_torchrun():
+        args.nproc = None
+        return run(args)
+    run_dir = args.run_dir
+    if run_dir is None and not args.resume:  # one folder for all ranks, named once here
+        run_dir = str(default_run_dir(exp, _select_backend(args.backend or exp.backend).name))
+    argv = ["-v"] if logging.getLogger().isEnabledFor(logging.DEBUG) else []
+    argv.append("run")
+    argv += [args.experiment] if args.experiment and not args.resume else []
+    for flag, value in (
+        ("--backend", args.backend),
+        ("--steps", args.steps),
+        ("--output-dir", args.output_dir),
+        ("--strategy", args.strategy),
+    ):
+        argv += [flag, str(value)] if value is not None else []  # fmt: skip
+    for item in args.overrides:
+        argv += ["--set", item]
+    argv += ["--resume", args.resume] if args.resume else ["--run-dir", run_dir]
+    argv += ["--no-progress"] if args.no_progress else []
+    argv += ["--json"] if args.json else []
+    code = distributed.launch(args.nproc, argv)
+    if code != 0:
+        raise RuntimeError(
+            f"the {args.nproc} ranks of paca run did not all succeed (torchrun exit status "
+            f"{code}); the first rank's error is printed above"
+            + ("" if args.resume else f"; the run folder is {run_dir}")
+        )
     return 0
 
 

@@ -64,7 +64,15 @@ COLUMNS = (
     Column("eval_accuracy", "eval acc", fmt="{:.4f}"),
 )
 TEXT_COLUMNS = (("run", "run"), ("backend", "backend"), ("device", "device"),
-                ("method", "method"), ("status", "status"))  # fmt: skip
+                ("ranks", "ranks"), ("method", "method"), ("status", "status"))  # fmt: skip
+
+
+def _ranks(summary: dict[str, Any]) -> str:
+    """``"1"`` for one process, ``"2 ddp"`` for two DDP ranks (runs before this was
+    recorded ran on one process)."""
+    world = summary.get("world_size") or 1
+    strategy = summary.get("strategy")
+    return f"{world} {strategy}" if world != 1 and strategy else str(world)
 
 
 def _number(value: Any) -> float | None:
@@ -83,6 +91,7 @@ def comparison_rows(runs: list[Run]) -> list[dict[str, Any]]:
             "run": run.label,
             "backend": s.get("backend") or run.environment.get("backend", "?"),
             "device": s.get("device") or run.environment.get("device_name", "?"),
+            "ranks": _ranks(s),
             "method": s.get("method", "?"),
             "status": s.get("status", "?"),
         }

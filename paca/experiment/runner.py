@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from paca import distributed
 from paca.experiment import record
 from paca.experiment.callbacks import InputCounter, RunRecorder, truncate_metrics
 from paca.experiment.data import build_dataset, load_splits
@@ -86,8 +87,16 @@ def _last_logged(history: list[dict[str, Any]], key: str) -> float | None:
 class _Run:
     """State of one run while it executes (kept small: the steps are in :meth:`execute`)."""
 
-    def __init__(self, exp: Experiment, backend: Any, run_dir: Path, progress: bool) -> None:
+    def __init__(
+        self,
+        exp: Experiment,
+        backend: Any,
+        run_dir: Path,
+        progress: bool,
+        parallel: dict[str, Any] | None = None,
+    ) -> None:
         self.exp, self.backend, self.run_dir, self.progress = exp, backend, run_dir, progress
+        self.parallel = parallel or record.parallelism(None)
         self.summary: dict[str, Any] = {}
         self.trainer: Any = None
         self.recorder: RunRecorder | None = None
@@ -132,7 +141,7 @@ class _Run:
         )
         counter = InputCounter(p.model)
         self.recorder = RunRecorder(
-            self.run_dir / record.METRICS_FILE,
+            record.metrics_path(self.run_dir),  # rank 0's; os.devnull on the other ranks
             b,
             counter,
             exp.train.throughput_warmup_steps,
@@ -141,6 +150,7 @@ class _Run:
         kind = trainer_kind(b.device_type)
         args = common_arguments(exp, self.run_dir / record.CHECKPOINTS, b.device_type, p.lr_scale)
         args["disable_tqdm"] = not self.progress
+        args.update(parallel_arguments(exp, self.parallel, b))
         to_predictions, accuracy = _accuracy_fns(loaded.task)
         from transformers import default_data_collator
 
@@ -173,13 +183,14 @@ class _Run:
         assert trainer is not None and p is not None
         if last is not None:
             step = int(Path(last).name.rsplit("-", 1)[-1])
-            truncate_metrics(self.run_dir / record.METRICS_FILE, step)
+            if distributed.is_writer():  # rank 0 owns the run folder
+                truncate_metrics(self.run_dir / record.METRICS_FILE, step)
             self.summary["resumed_from"] = str(Path(last).relative_to(self.run_dir))
             for key in ("eval_loss_before", "eval_accuracy_before"):
                 if key in previous:
                     self.summary[key] = previous[key]
         else:
-            (self.run_dir / record.METRICS_FILE).write_text("", encoding="utf-8")
+            record.write_text(self.run_dir / record.METRICS_FILE, "")  # rank 0 only
             if eval_ds is not None:
                 before = trainer.evaluate()
                 self.summary["eval_loss_before"] = before.get("eval_loss")
@@ -241,14 +252,64 @@ def _stored_experiment(folder: Path) -> Experiment:
     return loads_experiment(exp_file.read_text(encoding="utf-8"), source=str(exp_file))
 
 
+def parallel_arguments(exp: Experiment, parallel: dict[str, Any], backend: Any) -> dict:
+    """Trainer arguments for ``parallel`` (:func:`record.parallelism`): the per-rank batch,
+    and the FSDP2 or DeepSpeed settings of its strategy.
+
+    ``[train].batch_size`` is the global batch of one forward/backward: each of the
+    ``world_size`` ranks takes ``batch_size / world_size`` of it, so one experiment file
+    trains the same way (the same losses, within float tolerance) at any world size.
+    """
+    t, world, strategy = exp.train, parallel["world_size"], parallel["strategy"]
+    how = "([train].batch_size is the global batch; each rank takes batch_size / world size)"
+    per_rank = distributed.check_divisible(t.batch_size, world, "[train].batch_size", how)
+    eval_batch = t.eval_batch_size or t.batch_size
+    out: dict[str, Any] = {
+        "per_device_train_batch_size": per_rank,
+        "per_device_eval_batch_size": max(1, -(-eval_batch // world)),
+    }
+    if strategy == "fsdp2":
+        if backend.device_type == "cpu":
+            raise ExperimentError(
+                "--strategy fsdp2 goes through the Trainer's FSDP2 integration (accelerate), "
+                "which accelerate enables on accelerators only: on CPU ranks it would silently "
+                "train with DDP instead. Use --strategy ddp on CPU, or FSDP2 in your own "
+                "training loop with paca.distributed.fully_shard_layers (docs/distributed.md)"
+            )
+        out["fsdp"] = "full_shard auto_wrap"
+        out["fsdp_config"] = {
+            "fsdp_version": 2,
+            "reshard_after_forward": True,
+            "state_dict_type": "FULL_STATE_DICT",
+            "cpu_ram_efficient_loading": False,
+        }
+    elif strategy == "deepspeed":
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise ImportError(
+                "--strategy deepspeed needs DeepSpeed: pip install 'paca[deepspeed]' (on Gaudi, "
+                "Intel's fork for your software release; docs/distributed.md)"
+            ) from None
+        if not t.deepspeed:
+            out["deepspeed"] = distributed.deepspeed_config(2, t.precision)
+    return out
+
+
 def run_experiment(
     exp: Experiment | None,
     backend: str | None = None,
     run_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    strategy: str | None = None,
 ) -> RunResult:
     """Train ``exp`` on ``backend`` (default: ``exp.backend``) and write its run folder.
+
+    Under torchrun (``paca run --nproc N``) every rank calls this; rank 0 writes the run
+    folder, and ``strategy`` (``ddp``, the default, ``fsdp2`` or ``deepspeed``) says how
+    the ranks share the model (docs/distributed.md). The summary and environment record
+    ``world_size`` and ``strategy``.
 
     ``resume``: continue the run in ``run_dir`` from its last checkpoint, with the
     experiment stored there (``exp`` may be None; if given it must be the same) and,
@@ -290,9 +351,17 @@ def run_experiment(
                 f"{Path(run_dir) / record.EXPERIMENT_FILE} --set train.steps=N --run-dir NEW_DIR"
             )
         backend = backend or previous.get("backend")
+        if strategy is None and previous.get("strategy") not in (None, "single"):
+            strategy = previous["strategy"]
     if exp is None:
         raise ValueError("run_experiment needs an experiment (or resume=True and run_dir)")
     b = _select_backend(backend or exp.backend)
+    if strategy is not None and strategy not in distributed.STRATEGIES:
+        raise ExperimentError(
+            f"unknown strategy {strategy!r}; use one of {', '.join(distributed.STRATEGIES)}"
+        )
+    parallel = record.parallelism(strategy)
+    parallel_arguments(exp, parallel, b)  # a bad world size or strategy fails here, early
     folder = Path(run_dir) if run_dir is not None else default_run_dir(exp, b.name)
     summary_path = folder / record.SUMMARY_FILE
     if not resume and summary_path.is_file():
@@ -301,13 +370,13 @@ def run_experiment(
             f"choose another --run-dir"
         )
     folder.mkdir(parents=True, exist_ok=True)
-    env = record.environment(b)
+    env = {**record.environment(b), **parallel}
     record.write_text(folder / record.EXPERIMENT_FILE, exp.to_toml())
     record.write_json(folder / record.ENVIRONMENT_FILE, env)
     logger.info("run folder: %s (backend %s on %s)", folder, b.name, env["device_name"])
 
-    run = _Run(exp, b, folder, progress)
-    run.summary = {**previous, **_initial_summary(exp, b, env)}
+    run = _Run(exp, b, folder, progress, parallel)
+    run.summary = {**previous, **_initial_summary(exp, b, env), **parallel}
     run.summary.pop("error", None)
     try:
         summary = run.execute(resume)

@@ -169,7 +169,9 @@ class TrainSection:
 
     steps: int = field(default=0, metadata=_meta("optimizer steps (0 = use epochs)", minimum=0))
     epochs: float = field(default=1.0, metadata=_meta("epochs when steps = 0", minimum=0))
-    batch_size: int = field(default=8, metadata=_meta("per-device batch size", minimum=1))
+    batch_size: int = field(
+        default=8, metadata=_meta("global batch size (split over ranks)", minimum=1)
+    )
     grad_accum: int = field(default=1, metadata=_meta("gradient accumulation steps", minimum=1))
     lr: float = field(default=1e-4, metadata=_meta("learning rate", minimum=0))
     lr_scheduler: str = field(default="constant", metadata=_meta("schedule", SCHEDULERS))

@@ -11,6 +11,14 @@ changes is the class::
 :class:`PacaTrainer` writes ``paca_adapter.safetensors`` + ``paca_config.json`` into
 every checkpoint (and the final ``save_model``), and reads them back for
 ``resume_from_checkpoint`` and ``load_best_model_at_end``.
+
+Under torchrun (docs/distributed.md) it also: turns DDP's ``find_unused_parameters`` off
+for a PaCA model unless set (every delta is used in every forward; the stock Trainer
+turns it on for any model that is not a ``PreTrainedModel``, which costs a graph walk
+per step and makes DDP warn); checks that every rank trains the same PaCA setup
+(:func:`paca.distributed.check_ranks_agree`); and under FSDP or DeepSpeed saves the
+adapter by gathering only the deltas on every rank (rank 0 writes), instead of gathering
+the whole model's state dict.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.utils import can_return_loss, find_labels
 
+from paca import distributed
 from paca.io import CONFIG_NAME, load_adapter_weights, read_adapter
 from paca.model import PacaModel
 
@@ -66,6 +75,16 @@ class PacaTrainer(Trainer):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        given = kwargs.get("model", args[0] if args else None)
+        given = getattr(given, "_orig_mod", given)  # torch.compile'd
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if (
+            isinstance(given, PacaModel)
+            and training_args is not None
+            and getattr(training_args, "ddp_find_unused_parameters", False) is None
+        ):
+            # Every delta takes part in every forward: nothing is unused (see module doc).
+            training_args.ddp_find_unused_parameters = False
         super().__init__(*args, **kwargs)
         model = _paca_model(self)
         if model is not None:
@@ -73,6 +92,49 @@ class PacaTrainer(Trainer):
             if self.args.label_names is None:
                 self.label_names = find_labels(inner)
             self.can_return_loss = can_return_loss(inner)
+            distributed.check_ranks_agree(model)  # a collective; no-op in one process
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train``, made safe to call after ``evaluate()`` under DDP.
+
+        ``evaluate()`` prepares the model in accelerate's evaluation mode, which does not
+        wrap it in DDP but marks it prepared; the ``train()`` after it then trains each
+        rank on its own gradients without any all-reduce (transformers 5.x, accelerate
+        1.x; found with ``paca run``, which evaluates before training). The mark is
+        dropped here so that training wraps the model in DDP.
+        """
+        if (
+            self.args.world_size > 1
+            and self.model_wrapped is self.model
+            and getattr(self.model, "_is_accelerate_prepared", False)
+            and not (getattr(self, "is_deepspeed_enabled", False) or self.is_fsdp_enabled)
+        ):
+            del self.model._is_accelerate_prepared
+        return super().train(*args, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Under FSDP or DeepSpeed, gather only the adapter (every rank; rank 0 writes).
+
+        The stock Trainer gathers the whole model's state dict to rank 0 first (or, under
+        ZeRO-3 without ``stage3_gather_16bit_weights_on_model_save``, calls the save on
+        rank 0 only, which would wait forever for the other ranks to gather the deltas).
+        """
+        model = _paca_model(self)
+        sharded = getattr(self, "is_fsdp_enabled", False) or getattr(
+            self, "is_deepspeed_enabled", False
+        )
+        if model is None or not sharded:
+            return super().save_model(output_dir, _internal_call)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        logger.info("Saving PaCA adapter to %s (gathered from every rank)", output_dir)
+        model.save_pretrained(output_dir)  # every rank gathers; rank 0 writes
+        if self.args.should_save:
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save")
+        return None
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         model = _paca_model(self)
