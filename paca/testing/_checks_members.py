@@ -267,10 +267,11 @@ def check_determinism(ctx: CheckContext) -> str | None:
 
 # ------------------------------------------------------------------ purity
 def _snapshot(call: Call, t: dict[str, Any]) -> dict[str, torch.Tensor]:
+    keys = call.uses or tuple(t)
     return {
-        k: bits(v).clone()
-        for k, v in t.items()
-        if isinstance(v, torch.Tensor) and k not in call.writes
+        k: bits(t[k]).clone()
+        for k in keys
+        if isinstance(t.get(k), torch.Tensor) and k not in call.writes
     }
 
 

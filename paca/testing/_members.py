@@ -53,6 +53,26 @@ CONV_MEMBERS = (
 )
 FUSED = ("linear_forward", "linear_backward", "conv2d_forward", "conv2d_backward")
 
+_W = ("weight", "weight_base")
+#: The inputs each member is handed (``weight`` is a view of the stored ``weight_base``;
+#: ``g2d``/``xs2d`` are 2-D views of ``grad_out``/``x_sel``).
+USES: dict[str, tuple[str, ...]] = {
+    "gather": ("x", "idx"),
+    "read_columns": (*_W, "idx"),
+    "write_columns": (*_W, "idx", "columns"),
+    "columns_applied": (*_W, "idx", "delta"),
+    "linear": ("x", *_W, "bias"),
+    "input_grad": ("grad_out", *_W),
+    "delta_grad": ("g2d", "xs2d", "grad_out", "x_sel"),
+    "linear_forward": ("x", *_W, "bias", "delta", "idx"),
+    "linear_backward": ("grad_out", "x_sel", *_W, "delta", "idx"),
+    "conv2d": ("x", *_W, "bias"),
+    "conv2d_input_grad": ("grad_out", *_W),
+    "conv2d_delta_grad": ("grad_out", "x_sel"),
+    "conv2d_forward": ("x", *_W, "bias", "delta", "idx"),
+    "conv2d_backward": ("grad_out", "x_sel", *_W, "delta", "idx"),
+}
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -111,6 +131,8 @@ class Call:
     writes: tuple[str, ...] = ()
     #: whether the results are the member's own tensors (False: our snapshots)
     owns_results: bool = True
+    #: the inputs (keys of :meth:`Case.make`) the member is handed, directly or as views
+    uses: tuple[str, ...] = ()
 
     def make(self, variant: int = 0) -> dict[str, Any]:
         return self.case.make(variant)
@@ -303,6 +325,8 @@ class Case:
         made = self._conv_calls() if self.conv else self._linear_calls()
         if members is not None:
             made = [c for c in made if c.member in members]
+        for call in made:
+            call.uses = USES[call.member]
         return made
 
     def _common_calls(self, dim: int) -> list[Call]:
