@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from paca.distributed import sharded_weight_reason
 from paca.layers_base import (
     BufferDict,
     MergeStep,
@@ -120,6 +121,9 @@ def is_quantized_module(module: nn.Module) -> bool:
 
 def unsupported_reason(module: nn.Module) -> str:
     """Why ``module`` cannot be adapted, as advice the user can act on."""
+    sharded = sharded_weight_reason(module)  # fully_shard / zero.Init before paca.wrap
+    if sharded is not None:
+        return sharded
     w = getattr(module, "weight", None)
     if isinstance(w, nn.parameter.UninitializedParameter):
         return "its weight is not initialized yet (a lazy layer): run one forward pass first"

@@ -20,6 +20,7 @@ from torch import nn
 
 from paca.backend_abc import Backend
 from paca.config import DELTA_DTYPES
+from paca.distributed import check_weight_layout, is_dtensor
 from paca.ops import backend_key, paca_linear
 from paca.steps import tag_parameter
 
@@ -282,7 +283,10 @@ class PacaLinear(PacaLayer):
 
     def paca_forward(self, x: torch.Tensor, delta: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
-        return paca_linear(x, base.weight, base.bias, delta, idx, self.backend)
+        weight = base.weight
+        if not torch.compiler.is_compiling() and is_dtensor(weight):  # tensor parallelism
+            check_weight_layout(weight, f"PaCA layer around {type(base).__name__}")
+        return paca_linear(x, weight, base.bias, delta, idx, self.backend)
 
 
 def is_dense_float(t: object) -> bool:

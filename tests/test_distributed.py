@@ -164,7 +164,7 @@ def test_fsdp2_matches_one_process_and_shards_deltas_by_rows(core_run):
     want = reference_losses()
     for r in ranks:
         fsdp = _ok(r, "fsdp2")
-        assert fsdp["delta_type"] == "DTensor" and fsdp["placements"] == ["Shard(dim=0)"]
+        assert fsdp["delta_type"] == "DTensor" and fsdp["placements"] == ["Shard(0)"]
         assert fsdp["local_rows"] * 2 == fsdp["rows"]
         torch.testing.assert_close(fsdp["losses"], want, **LOSS_TOL)
         torch.testing.assert_close(_ok(r, "fsdp2_keep")["losses"], want, **LOSS_TOL)
@@ -336,7 +336,7 @@ def _scenario_fsdp2(out: Path, rank: int, world: int, **fsdp: Any) -> dict:
     delta = pm.get_base_model().model.layers[0].self_attn.q_proj.paca_delta["default"]
     result: dict[str, Any] = {
         "delta_type": type(delta).__name__,
-        "placements": [str(p) for p in getattr(delta, "placements", ())],
+        "placements": [f"Shard({p.dim})" if p.is_shard() else str(p) for p in delta.placements],
         "rows": int(delta.shape[0]),
         "local_rows": int(delta.to_local().shape[0]) if hasattr(delta, "to_local") else None,
         "losses": train(pm, STEPS, rank, world),
