@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -23,8 +22,11 @@ from pathlib import Path
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_distributed import kill_tree  # noqa: E402
+
 TIMEOUT = float(os.environ.get("PACA_DIST_TEST_TIMEOUT", "75"))
-STEPS, SAVE_EVERY = 40, 4
+STEPS, SAVE_EVERY = 24, 4
 
 EXPERIMENT = f"""
 name = "dist"
@@ -56,27 +58,27 @@ save_total_limit = 1
 """
 
 
-def _paca(*args: str) -> subprocess.Popen:
+def _paca(log: Path, *args: str) -> subprocess.Popen:
+    """``python -m paca ARGS`` with its output in ``log`` (a pipe nobody reads could fill)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PACA_BACKEND": "cpu"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "paca", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # the launcher, torchrun and the ranks: one process group
-    )
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "paca", *args], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
 
 
-def _finish(proc: subprocess.Popen, what: str) -> str:
+def _finish(proc: subprocess.Popen, log: Path, what: str) -> str:
     try:
-        out, _ = proc.communicate(timeout=TIMEOUT)
+        proc.wait(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"{what} did not finish in {TIMEOUT:.0f}s:\n{out.decode()[-4000:]}")
-    text = out.decode(errors="replace")
-    assert proc.returncode == 0, f"{what} failed:\n{text[-6000:]}"
-    return text
+        kill_tree(proc)
+        pytest.fail(f"{what} did not finish in {TIMEOUT:.0f}s:\n{_tail(log)}")
+    assert proc.returncode == 0, f"{what} failed:\n{_tail(log)}"
+    return log.read_text(errors="replace")
+
+
+def _tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-6000:]
 
 
 def _losses(run_dir: Path) -> list[float]:
@@ -94,24 +96,28 @@ def test_a_killed_two_rank_run_resumes_and_matches_one_process(tmp_path):
     exp_file = tmp_path / "dist.toml"
     exp_file.write_text(EXPERIMENT)
     two = tmp_path / "two"
-    # 2 ranks, killed once the first checkpoint is complete (its adapter and optimizer)
-    proc = _paca("run", str(exp_file), "--nproc", "2", "--run-dir", str(two), "--no-progress")
-    first = two / "checkpoints" / f"checkpoint-{SAVE_EVERY}"
+    # 2 ranks, killed (launcher, torchrun and both ranks) once a checkpoint is complete
+    first_log, resume_log = tmp_path / "first.log", tmp_path / "resume.log"
+    proc = _paca(
+        first_log, "run", str(exp_file), "--nproc", "2", "--run-dir", str(two), "--no-progress"
+    )
+    checkpoints = two / "checkpoints"
     deadline = time.monotonic() + TIMEOUT
-    while not (first / "trainer_state.json").is_file():
+    while not any(checkpoints.glob("checkpoint-*/trainer_state.json")):
         if proc.poll() is not None or time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            log = proc.communicate()[0].decode(errors="replace")
-            pytest.fail(f"no checkpoint before the run ended or timed out:\n{log[-6000:]}")
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate()
+            kill_tree(proc)
+            pytest.fail(
+                f"no checkpoint before the 2-rank run ended or timed out:\n{_tail(first_log)}"
+            )
+        time.sleep(0.02)
+    kill_tree(proc)
     killed = json.loads((two / "summary.json").read_text())
     assert killed["status"] == "running" and killed["world_size"] == 2, killed
     assert killed.get("steps", 0) < STEPS, "the run finished before it could be killed"
 
     # resume: 2 ranks again, because the run folder says it ran on 2
-    log = _finish(_paca("run", "--resume", str(two), "--no-progress"), "paca run --resume")
+    resumed = _paca(resume_log, "run", "--resume", str(two), "--no-progress")
+    log = _finish(resumed, resume_log, "paca run --resume")
     assert "find_unused_parameters=True" not in log  # PacaTrainer turns it off for PaCA
     summary = json.loads((two / "summary.json").read_text())
     env = json.loads((two / "environment.json").read_text())
