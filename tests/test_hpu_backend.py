@@ -580,11 +580,13 @@ def test_gaudi_args_checks(lazy_sdk):
         "needs eager mode": _gaudi_args(torch_compile=True),
         "use bf16": _gaudi_args(fp16=True),
         "use_habana=True": _gaudi_args(use_habana=False),
-        "ZeRO-3": _gaudi_args(deepspeed={"zero_optimization": {"stage": 3}}),
     }
     for needle, args in bad.items():
         with pytest.raises(GaudiSettingsError, match=needle):
             check_gaudi_args(args, lazy)
+    # ZeRO-3 is accepted (DeepSpeed gathers the base weight for the PaCA layer), with a note
+    zero3 = check_gaudi_args(_gaudi_args(deepspeed={"zero_optimization": {"stage": 3}}), lazy)
+    assert any("ZeRO-3" in note and "not yet on Gaudi" in note for note in zero3)
     with pytest.raises(GaudiSettingsError, match="backend='hpu'"):
         check_gaudi_args(_gaudi_args(), paca.use_backend("cpu"))
 
