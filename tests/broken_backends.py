@@ -134,6 +134,60 @@ class ForwardReturnsXSelView(CPUBackend):
         return y, x_sel
 
 
+class CachesEffectiveWeightPerLayer(CPUBackend):
+    """Keeps W_eff per weight (by address) across calls: never notices delta changed."""
+
+    name = "broken-stale-cache"
+
+    def linear_forward(self, x, weight, bias, delta, idx):
+        cache = self.__dict__.setdefault("_w_eff", {})
+        key = (weight.data_ptr(), tuple(weight.shape), weight.dtype)
+        if key not in cache:
+            cols = (weight.index_select(1, idx).float() + delta.float()).to(weight.dtype)
+            cache[key] = weight.index_copy(1, idx, cols)
+        return self.linear(x, cache[key], bias), self.gather(x, idx, -1)
+
+
+class ReadColumnsViewForRuns(CPUBackend):
+    """ "Zero-copy" read_columns for consecutive columns: the swap then restores W_eff."""
+
+    name = "broken-read-view"
+
+    def read_columns(self, weight, idx):
+        start = int(idx[0])
+        if bool((idx == torch.arange(start, start + idx.numel(), device=idx.device)).all()):
+            return weight.narrow(1, start, idx.numel())
+        return super().read_columns(weight, idx)
+
+
+class SwapBumpsVersion(CPUBackend):
+    """Swaps the columns on the weight itself (not weight.data): autograd's version counter
+    of the frozen weight moves, breaking any other op that saved it for backward."""
+
+    name = "broken-swap-version"
+
+    @contextmanager
+    def columns_applied(self, weight, idx, delta):
+        with torch.no_grad():
+            saved = weight.index_select(1, idx)
+            weight.index_copy_(1, idx, (saved.float() + delta.float()).to(weight.dtype))
+            try:
+                yield
+            finally:
+                weight.index_copy_(1, idx, saved)
+
+
+class GatherIntoLargerStorage(CPUBackend):
+    """Returns x_sel as the head of one buffer that also holds a copy of x."""
+
+    name = "broken-gather-storage"
+
+    def gather(self, x, idx, dim=-1):
+        sel = x.index_select(dim, idx)
+        big = torch.cat([sel.reshape(-1), x.detach().reshape(-1)])
+        return big[: sel.numel()].view(sel.shape)
+
+
 # ------------------------------------------------------------------ retention
 class KeepsEveryInput(CPUBackend):
     """Keeps every gathered input "for debugging": memory grows without bound."""
@@ -333,6 +387,10 @@ BROKEN: list[Broken] = [
     Broken(InputGradScalesGradOut, "purity", "input_grad", "modified its input grad_out"),
     Broken(ScratchBufferGather, "aliasing", "gather", "in the same storage as the first call's"),
     Broken(ForwardReturnsXSelView, "aliasing", "linear_forward", "sharing storage with its input x"),
+    Broken(CachesEffectiveWeightPerLayer, "dtype[float32]", "linear_forward", "in-place update of delta"),
+    Broken(ReadColumnsViewForRuns, "aliasing", "read_columns", "sharing storage with its input weight"),
+    Broken(SwapBumpsVersion, "weight_exact", "columns_applied", "version counter"),
+    Broken(GatherIntoLargerStorage, "retention", "gather", "view into a larger storage"),
     Broken(KeepsEveryInput, "retention", "gather", "keeps its input x alive"),
     Broken(CachesInputViews, "retention", "input_grad", "keeps a view or alias of its input grad_out"),
     Broken(SwapRestoresBySubtracting, "weight_exact", "columns_applied", "not bit-exact"),

@@ -67,6 +67,14 @@ def check_weight_after(ctx: CheckContext, call: Call) -> None:
     t = call.make()
     before = bits(t["weight_base"]).clone()
     if call.member == "columns_applied":
+        version = t["weight_base"]._version
+        with b.columns_applied(t["weight"], t["idx"], t["delta"]):
+            pass
+        if t["weight_base"]._version != version:
+            raise ContractViolation(
+                f"{call.label}: bumped the weight's autograd version counter (write through "
+                f"weight.data, so that other ops that saved the weight stay valid)"
+            )
         try:
             with b.columns_applied(t["weight"], t["idx"], t["delta"]):
                 raise Injected("raised inside the block")
@@ -79,8 +87,15 @@ def check_weight_after(ctx: CheckContext, call: Call) -> None:
             )
         _weight_unchanged(call, t, before, "after an exception inside the block")
         return
+    version = t["weight_base"]._version
     call.invoke(b, t)
     _weight_unchanged(call, t, before, "after the call returned")
+    if t["weight_base"]._version != version:
+        raise ContractViolation(
+            f"{call.label}: bumped the weight's autograd version counter (write the swapped "
+            f"columns through weight.data, as the default columns_applied does, so that other "
+            f"ops that saved the weight for backward stay valid)"
+        )
     for primitive in INJECT.get(call.member, ()):
         t = call.make()
         with L.replaced(b, primitive, _raiser(primitive)), contextlib.suppress(Exception):
@@ -392,6 +407,19 @@ def check_dtype(ctx: CheckContext, dtype: torch.dtype) -> str | None:
             tol = ctx.conv_tol(dtype) if spec.kind == "conv2d" else ctx.tol(dtype)
             with findings.member("write_columns", f"{what}: merge"):
                 _merge_roundtrip(ctx, layer, x.to(dtype), f"{what}: merge/unmerge", tol)
+            # an optimizer step updates delta in place: the next step must see the new values
+            # (a backend caching anything derived from delta per layer would not)
+            with torch.no_grad():
+                d = layer.paca_delta["default"]
+                d.add_(ctx.on_device(ctx.randn(*d.shape, salt=1190 + n)).to(d.dtype) * 0.05)
+            stale = f"{what}, after an in-place update of delta (as an optimizer step makes)"
+            with findings.member(L.FORWARD[spec.kind], stale):
+                got = L.layer_step(layer, x, g)
+            if not findings.known(L.FORWARD[spec.kind]):
+                want = L.dense_step(layer, x, g)
+                L.compare_step(
+                    ctx, stale, got, want, dtype, spec.kind, findings, delta_dtype=delta_dtype
+                )
         if dtype != torch.float32 and "float32" in ctx.backend.capabilities:
             if not _autocast_works(ctx.device, dtype):
                 notes.append(f"autocast({dtype_name(dtype)}) unsupported on {ctx.device.type}")

@@ -142,14 +142,18 @@ class _GatherDims:
         self.ctx, self.dtype = ctx, dtype
         self.x = ctx.randn(2, 3, 5, 7, salt=77).to(dtype)
         self.label = f"x (2, 3, 5, 7) {dtype_name(dtype)}"
-        self.ref: dict[str, torch.Tensor] = {}
+        self.dims: dict[int, torch.Tensor] = {}
+
+    def reference(self, variant: int = 0) -> dict[str, torch.Tensor]:
+        x = self.x * (1 + variant)
+        return {f"d{d}": x.index_select(d, idx) for d, idx in self.dims.items()}
 
     def calls(self) -> list[Call]:
         out = []
         for dim in (-4, -3, -2, -1, 0, 1, 2, 3):
             size = self.x.shape[dim]
             idx = torch.arange(size - 1, -1, -2, dtype=torch.long)  # descending, skips some
-            self.ref[f"d{dim}"] = self.x.index_select(dim, idx)
+            self.dims[dim] = idx
             call = Call(
                 "gather",
                 f"gather(x, idx={idx.tolist()}, dim={dim}) on {self.label}",
@@ -193,6 +197,7 @@ def layout_cases(ctx: CheckContext, dtype: torch.dtype) -> list[tuple[Case, tupl
         (lin(SWAPPING, 8, grad="transposed"), grad_members),
         (lin(SWAPPING, 9, grad="expanded"), grad_members),
         (lin(SMALL, 10, idx="run"), ("gather", "read_columns", "write_columns", *fused)),
+        (lin(SWAPPING, 15, idx="run"), ("read_columns", "columns_applied", *fused)),
         (lin(SWAPPING, 11, idx="sorted"), ("gather", "columns_applied", *fused)),
         (Case(ctx, CONV, dtype, Layout(x="channels_last"), salt=12), conv_all),
         (Case(ctx, CONV, dtype, Layout(grad="channels_last"), salt=13), conv_all),
@@ -351,6 +356,9 @@ def check_unaliased(ctx: CheckContext, call: Call) -> None:
     kept = {k: bits(v).clone() for k, v in outs1.items()}
     t2 = call.make(variant=1)  # other values, same shapes: a reused buffer is overwritten
     r2 = call.invoke(ctx.backend, t2)
+    # ...and the second call must see its own inputs (a cache keyed by shape or address,
+    # which the allocator reuses, returns the first call's results)
+    call.check(ctx, r2, variant=1)
     for key, out in outs1.items():
         other = r2.get(key)
         if isinstance(other, torch.Tensor) and shares_storage(out, other):
@@ -401,6 +409,13 @@ def storage_use_count(t: torch.Tensor) -> int | None:
         return None
 
 
+def _storage_nbytes(t: torch.Tensor) -> int:
+    try:
+        return int(t.untyped_storage().nbytes())
+    except (RuntimeError, NotImplementedError):
+        return t.numel() * t.element_size()
+
+
 def _holders(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, int | None]]:
     return {k: (sys.getrefcount(v), storage_use_count(v)) for k, v in tensors.items()}
 
@@ -419,6 +434,12 @@ def check_releases(ctx: CheckContext, call: Call) -> None:
             shared = any(
                 shares_storage(out, o) for o in (*tensors.values(), *outs.values()) if o is not out
             )
+            if key == "x_sel" and _storage_nbytes(out) > out.numel() * out.element_size():
+                raise ContractViolation(
+                    f"{call.label}: its result x_sel is a view into a larger storage "
+                    f"({_storage_nbytes(out)} bytes for {out.numel() * out.element_size()}): "
+                    f"saved for backward, it keeps all of that alive"
+                )
             count = storage_use_count(out)
             own = alone + (out._base is not None) if alone is not None else None  # a view's base
             if not shared and count is not None and own is not None and count > own:

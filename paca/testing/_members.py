@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import cached_property
 from typing import Any
 
 import torch
@@ -141,9 +140,10 @@ class Call:
         with torch.no_grad():  # as inside the core's autograd functions
             return self.run(backend, t)
 
-    def check(self, ctx: CheckContext, results: dict[str, Any]) -> None:
-        """Fail unless every result matches :attr:`expect` (values, dtype, device, layout)."""
-        for key, want in self.expect(self.case.ref).items():
+    def check(self, ctx: CheckContext, results: dict[str, Any], variant: int = 0) -> None:
+        """Fail unless every result matches :attr:`expect` (values, dtype, device, layout)
+        for the inputs of ``variant``."""
+        for key, want in self.expect(self.case.reference(variant)).items():
             got = results.get(key)
             what = f"{self.label}: {key}"
             if want.value is None:
@@ -195,6 +195,7 @@ class Case:
         self.salt = salt
         self.conv = isinstance(shape, ConvShape)
         self._cpu: dict[int, dict[str, Any]] = {}
+        self._refs: dict[int, dict[str, torch.Tensor]] = {}
         extra = self.layout.label()
         self.label = f"{shape}, {dtype_name(dtype)}" + (f", {extra}" if extra else "")
         if self.delta_dtype != dtype and self.layout.delta_dtype is None:
@@ -292,9 +293,18 @@ class Case:
         return out
 
     # ------------------------------------------------------------------ the reference
-    @cached_property
+    @property
     def ref(self) -> dict[str, torch.Tensor]:
-        t = self.logical()
+        return self.reference(0)
+
+    def reference(self, variant: int = 0) -> dict[str, torch.Tensor]:
+        """The reference results for the inputs of ``variant`` (computed once)."""
+        if variant not in self._refs:
+            self._refs[variant] = self._reference(variant)
+        return self._refs[variant]
+
+    def _reference(self, variant: int) -> dict[str, torch.Tensor]:
+        t = self.logical(variant)
         w, idx, delta, grad = t["weight"], t["idx"], t["delta"], t["grad_out"]
         w_eff = ref.effective_weight(w, idx, delta)
         stored = self._stored_weight(w, t).clone()
