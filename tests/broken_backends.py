@@ -121,6 +121,31 @@ class ScratchBufferGather(CPUBackend):
         return view
 
 
+class ScratchEffectiveWeight(CPUBackend):
+    """API v1's scratch buffer: one W_eff buffer for every layer, built in forward and
+    reused by backward (which then sees whichever layer ran forward last)."""
+
+    name = "broken-scratch-weight"
+
+    def _scratch(self, weight):
+        buf = self.__dict__.get("_w")
+        if buf is None or buf.shape != weight.shape or buf.dtype != weight.dtype:
+            buf = self.__dict__["_w"] = torch.empty_like(weight)
+        return buf
+
+    def linear_forward(self, x, weight, bias, delta, idx):
+        buf = self._scratch(weight)
+        buf.copy_(weight)
+        buf.index_copy_(1, idx, (weight.index_select(1, idx).float() + delta.float()).to(weight.dtype))  # fmt: skip
+        return self.linear(x, buf, bias), self.gather(x, idx, -1)
+
+    def linear_backward(self, grad_out, x_sel, weight, delta, idx, need_x, need_delta):
+        flat = grad_out.reshape(-1, grad_out.shape[-1])
+        dx = self.input_grad(grad_out, self._scratch(weight)) if need_x else None
+        dd = self.delta_grad(flat, x_sel.reshape(-1, x_sel.shape[-1]), delta.dtype) if need_delta else None  # fmt: skip
+        return dx, dd
+
+
 class ForwardReturnsXSelView(CPUBackend):
     """Zero-copy x_sel when the columns happen to be consecutive: a view of x."""
 
@@ -386,6 +411,9 @@ BROKEN: list[Broken] = [
     Broken(NondeterministicDeltaGrad, "determinism", "delta_grad", "identical inputs"),
     Broken(InputGradScalesGradOut, "purity", "input_grad", "modified its input grad_out"),
     Broken(ScratchBufferGather, "aliasing", "gather", "in the same storage as the first call's"),
+    Broken(ScratchEffectiveWeight, "shapes[float32]", "linear_backward", "grad_x"),
+    Broken(ScratchEffectiveWeight, "aliasing", "linear_backward", "grad_x"),
+    Broken(ScratchEffectiveWeight, "traffic", "linear_forward", "x the weight's bytes"),
     Broken(ForwardReturnsXSelView, "aliasing", "linear_forward", "sharing storage with its input x"),
     Broken(CachesEffectiveWeightPerLayer, "dtype[float32]", "linear_forward", "in-place update of delta"),
     Broken(ReadColumnsViewForRuns, "aliasing", "read_columns", "sharing storage with its input weight"),
