@@ -313,6 +313,9 @@ def quantize_nf4(
     ``compute_dtype`` defaults to the weight's dtype. Biases stay dense. A model on the
     meta device gets meta 4-bit layers (shapes only; what ``paca estimate`` runs).
 
+    Unlike bitsandbytes' defaults, the layers never repack their weight for CPU inference
+    (``support_avx512bf16_for_cpu = False``): the packed bytes stay those training uses.
+
     The result is what ``from_pretrained(..., quantization_config=BitsAndBytesConfig(
     load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True))``
     builds; wrap it with :func:`paca.wrap` for QPaCA.
@@ -395,6 +398,11 @@ def _to_linear4bit(
         bnb_quantized=True,
     )
     q.quant_state = state
+    # bitsandbytes repacks a Linear4bit's weight in place for CPU inference on its first
+    # eval-mode forward (AVX512-BF16 CPUs); its backward then has no autograd kernel, so a
+    # QLoRA model evaluated before training would train with wrong gradients. Keep the
+    # training layout.
+    q.support_avx512bf16_for_cpu = False
     if linear.bias is not None:
         q.bias = nn.Parameter(linear.bias.detach().to(target), requires_grad=False)
     q.train(linear.training)

@@ -5,6 +5,7 @@ checkpointing; the conformance suite exercises the "nf4" capability."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -115,9 +116,13 @@ def test_paca_run_trains_on_a_4bit_base_from_the_experiment_file(tmp_path, metho
         "method": {"name": method, "r": 4},
         "train": {"steps": 2, "batch_size": 4, "lr": 1e-2, "logging_steps": 1, "save_steps": 0},
     }
-    result = run_experiment(
-        experiment_from_dict(exp), backend="cpu", run_dir=tmp_path / "r", progress=False
-    )
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        result = run_experiment(
+            experiment_from_dict(exp), backend="cpu", run_dir=tmp_path / "r", progress=False
+        )
+    # the evaluation before training must not repack the 4-bit weights for CPU inference
+    assert not [w for w in seen if "gemv_4bit" in str(w.message)]
     assert result.summary["status"] == "completed"
     assert (tmp_path / "r" / "adapter").is_dir()
     with pytest.raises(ExperimentError, match=r"quantization = 'nf4'.*'full'.*'paca' \(QPaCA\)"):

@@ -168,6 +168,10 @@ def _load_pretrained(section: ModelSection, name: str, source: str, num_labels: 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    if section.quantization == "nf4":  # no in-place CPU inference repack (see quantize_nf4)
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
     tokenizer = AutoTokenizer.from_pretrained(tok_name, **common)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # LLaMA tokenizers ship no pad token
