@@ -332,11 +332,19 @@ def test_gaudi_trainer_gets_gaudi_arguments(monkeypatch: pytest.MonkeyPatch, tmp
     monkeypatch.setitem(sys.modules, "optimum", optimum)
     monkeypatch.setitem(sys.modules, "optimum.habana", habana)
     monkeypatch.delenv("PT_HPU_LAZY_MODE", raising=False)
+    # The model computes on the cpu backend here, which the Gaudi checks would refuse:
+    # record that the one GaudiTrainer builder checks (tests/test_hpu_backend.py runs them).
+    checked: list[tuple[Any, Any]] = []
+    monkeypatch.setattr(
+        "paca.integrations.habana.check_gaudi_args",
+        lambda args, backend: checked.append((args, backend)) or [],
+    )
 
     exp = experiment_from_dict(tiny_experiment(tmp_path, train={"precision": "bf16"}))
     prepared = _prepare({"name": "paca", "r": 4, "target_modules": ["q_proj"]})
     kwargs = common_arguments(exp, tmp_path / "ckpt", "hpu", prepared.lr_scale)
     trainer = build_trainer(exp, "gaudi", prepared.model, kwargs)
+    assert [backend for _, backend in checked] == [prepared.model.backend]
     assert isinstance(trainer, PacaTrainer) and isinstance(trainer, GaudiTrainer)
     args = seen["args"]
     assert args["use_habana"] is True and args["use_lazy_mode"] is True

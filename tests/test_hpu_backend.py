@@ -652,3 +652,94 @@ def test_gaudi_trainer_glue_without_optimum_habana_says_how_to_install():
         habana.make_gaudi_trainer(pm, _gaudi_args())
     with pytest.raises(TypeError, match="PacaModel"):
         habana.make_gaudi_trainer(nn.Linear(2, 2), _gaudi_args())
+
+
+# -------------------------------------------- `paca run` on Gaudi: one GaudiTrainer builder
+_PACA_RUN_DRIVER = r"""
+import contextlib, io, json, sys
+tests_dir, exp_path, run_dir, out = sys.argv[1:5]
+sys.path.insert(0, tests_dir)
+from fake_sdk.loader import fake_events, load_fake_sdk, unload_fake_sdk
+load_fake_sdk(lazy=True, version="1.18.0")  # PT_HPU_LAZY_MODE=1
+import fake_optimum_habana
+import paca
+from paca._registry import reset_registry
+from paca.cli.main import main
+
+habana = fake_optimum_habana.install()
+args = ["run", exp_path, "--backend", "hpu", "--no-progress"]
+rc = main([*args, "--run-dir", run_dir])
+trainer = habana.GaudiTrainer.built[-1]
+result = {
+    "rc": rc,
+    "kinds": [k for k in fake_events().kinds() if k == "mark_step" or k.startswith("gaudi:")],
+    "trainer_class": type(trainer).__name__,
+    "callbacks": [type(c).__name__ for c in trainer.callback_handler.callbacks],
+    "gaudi_config": vars(trainer.gaudi_config),
+    "step_hooks_enabled_after": paca.get_backend().step_hooks_enabled,
+}
+# SW 1.21 defaults to eager: [hpu].lazy_mode = true (the default) is refused, saying why
+unload_fake_sdk()
+load_fake_sdk(lazy=None, version="1.21.0")
+reset_registry()
+stderr = io.StringIO()
+with contextlib.redirect_stderr(stderr):
+    result["eager_rc"] = main([*args, "--run-dir", run_dir + "-eager"])
+result["eager_stderr"] = stderr.getvalue()
+json.dump(result, open(out, "w"))
+"""
+
+
+@pytest.mark.slow
+def test_paca_run_in_lazy_mode_marks_steps_through_gaudi_trainer_only(tmp_path):
+    """``paca run`` on an HPU backend with optimum-habana builds its GaudiTrainer with
+    :func:`paca.integrations.habana.make_gaudi_trainer`: checked arguments, the PaCA
+    GaudiConfig, and in lazy mode every ``mark_step`` comes from GaudiTrainer (after each
+    training step, each optimizer step and each prediction step), none from paca's hooks.
+
+    A subprocess (transformers sees a Gaudi once the fake is on the path) runs a 2-step
+    experiment (2 micro-batches each, 2 eval batches before and after) against the fake
+    SDK and tests/fake_optimum_habana.py."""
+    if REAL_SDK:
+        pytest.skip("a real Intel Gaudi SDK is installed; the fake SDK cannot replace it")
+    from test_experiment import tiny_experiment
+
+    from paca.experiment.schema import dumps_toml
+
+    exp = tiny_experiment(
+        tmp_path,
+        data={"max_train_samples": 8, "max_eval_samples": 4},
+        train={"steps": 2, "grad_accum": 2, "batch_size": 2, "eval_batch_size": 2,
+               "save_steps": 2, "throughput_warmup_steps": 0},
+    )  # fmt: skip
+    exp_path = tmp_path / "exp.toml"
+    exp_path.write_text(dumps_toml(exp))
+    out = tmp_path / "result.json"
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PACA_", "PT_HPU", "FAKE_"))}
+    proc = subprocess.run(
+        [sys.executable, "-c", _PACA_RUN_DRIVER, str(ROOT / "tests"), str(exp_path),
+         str(run_dir), str(out)],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["rc"] == 0, proc.stderr[-4000:]
+    evaluation = ["mark_step", "gaudi:prediction_step"] * 2
+    micro = ["mark_step", "gaudi:training_step"]
+    step = [*micro, *micro, "mark_step", "gaudi:optimizer_step"]
+    assert result["kinds"] == [*evaluation, *step, *step, *evaluation]
+    assert result["trainer_class"] == "PacaGaudiTrainer"  # adapter-only checkpoints
+    assert "PacaGaudiCallback" in result["callbacks"]
+    assert result["step_hooks_enabled_after"] is True  # handed back after training
+    config = result["gaudi_config"]  # PaCA's GaudiConfig; no autocast for an fp32 run
+    assert config["use_torch_autocast"] is False
+    assert (config["use_fused_clip_norm"], config["use_fused_adam"]) == (True, False)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["trainer"] == "GaudiTrainer"
+    assert summary["steps"] == 2
+    assert (run_dir / "checkpoints" / "checkpoint-2" / "paca_adapter.safetensors").is_file()
+    assert result["eager_rc"] == 1
+    refusal = result["eager_stderr"]
+    assert "use_lazy_mode=True but the Gaudi bridge was loaded in eager mode" in refusal, refusal
+    assert "[hpu].lazy_mode" in refusal

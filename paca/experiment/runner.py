@@ -155,7 +155,7 @@ class _Run:
         from transformers import default_data_collator
 
         self.trainer = build_trainer(
-            exp, kind, p.model, args,
+            exp, kind, p.model, args, b,
             train_dataset=train_ds, eval_dataset=eval_ds, data_collator=default_data_collator,
             compute_metrics=accuracy, preprocess_logits_for_metrics=to_predictions,
             callbacks=[self.recorder],
@@ -291,8 +291,14 @@ def parallel_arguments(exp: Experiment, parallel: dict[str, Any], backend: Any) 
                 "--strategy deepspeed needs DeepSpeed: pip install 'paca[deepspeed]' (on Gaudi, "
                 "Intel's fork for your software release; docs/distributed.md)"
             ) from None
+        if not (distributed.under_torchrun() or distributed.is_distributed()):
+            raise ExperimentError(
+                "--strategy deepspeed needs a launcher (DeepSpeed reads the ranks from its "
+                "environment): add --nproc N (N >= 1; paca starts torchrun) or start paca run "
+                "with torchrun (docs/distributed.md)"
+            )
         if not t.deepspeed:
-            out["deepspeed"] = distributed.deepspeed_config(2, t.precision)
+            out["deepspeed"] = distributed.deepspeed_config(2, gaudi=backend.device_type == "hpu")
     return out
 
 

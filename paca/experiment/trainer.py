@@ -1,11 +1,15 @@
 """Which Trainer runs an experiment, and the arguments it gets.
 
 transformers' ``Trainer`` everywhere, except on an HPU backend with optimum-habana
-installed, where ``GaudiTrainer`` takes over (lazy mode, HPU graphs, fused ops).
-optimum-habana is imported only inside :func:`_gaudi_trainer`, so nothing else here
-needs it. Both are combined with :class:`paca.integrations.transformers.PacaTrainer`,
-whose checkpoints of a :class:`paca.PacaModel` hold only the adapter (kilobytes, not
-the whole base model) and reload it for ``resume_from_checkpoint``.
+installed, where ``GaudiTrainer`` takes over (lazy mode, HPU graphs, fused ops). The
+GaudiTrainer is built by the one builder that lives with the HPU glue,
+:func:`paca.integrations.habana.make_gaudi_trainer` (it refuses settings that cannot
+work, hands lazy-mode step marking to the trainer, and gives it the PaCA GaudiConfig);
+this module only turns the experiment into its arguments. optimum-habana is imported
+only inside :func:`_gaudi_trainer`, so nothing else here needs it. Both trainers are
+combined with :class:`paca.integrations.transformers.PacaTrainer`, whose checkpoints of
+a :class:`paca.PacaModel` hold only the adapter (kilobytes, not the whole base model)
+and reload it for ``resume_from_checkpoint``.
 """
 
 from __future__ import annotations
@@ -86,12 +90,16 @@ def build_trainer(
     kind: str,
     model: Any,
     args_kwargs: dict,
+    backend: Any = None,
     **trainer_kwargs: Any,
 ) -> Any:
-    """A Trainer (``kind`` from :func:`trainer_kind`) with PaCA-sized checkpoints."""
+    """A Trainer (``kind`` from :func:`trainer_kind`) with PaCA-sized checkpoints.
+
+    ``backend``: the paca backend the run computes with (a PacaModel's own by default;
+    the GaudiTrainer checks it and hands it step marking)."""
     if kind == "gaudi":
         with _precision_env_kept():
-            return _gaudi_trainer(exp, model, args_kwargs, **trainer_kwargs)
+            return _gaudi_trainer(exp, model, args_kwargs, backend, **trainer_kwargs)
     from transformers import TrainingArguments
 
     from paca.integrations.transformers import PacaTrainer
@@ -161,11 +169,18 @@ def check_lazy_mode(lazy_mode: bool, env_value: str | None) -> None:
         )
 
 
-def _gaudi_trainer(exp: Experiment, model: Any, args_kwargs: dict, **trainer_kwargs: Any) -> Any:
-    """GaudiTrainer with GaudiTrainingArguments (optimum-habana's documented API)."""
-    from optimum.habana import GaudiConfig, GaudiTrainer, GaudiTrainingArguments
+def _gaudi_trainer(
+    exp: Experiment, model: Any, args_kwargs: dict, backend: Any, **trainer_kwargs: Any
+) -> Any:
+    """GaudiTrainer with GaudiTrainingArguments (optimum-habana's documented API), built
+    by :func:`paca.integrations.habana.make_gaudi_trainer`."""
+    from optimum.habana import GaudiTrainingArguments
 
-    from paca.integrations.transformers import PacaTrainer
+    from paca.integrations.habana import (
+        GaudiSettingsError,
+        gaudi_config_for_paca,
+        make_gaudi_trainer,
+    )
 
     h = exp.hpu
     check_lazy_mode(h.lazy_mode, os.environ.get("PT_HPU_LAZY_MODE"))
@@ -178,11 +193,26 @@ def _gaudi_trainer(exp: Experiment, model: Any, args_kwargs: dict, **trainer_kwa
         gaudi_config_name=h.gaudi_config or None,
         **kwargs,
     )
-    gaudi_config = None
+    gaudi_config = None  # [hpu].gaudi_config names one: GaudiTrainer reads it
     if not h.gaudi_config:
-        gaudi_config = GaudiConfig()
-        gaudi_config.use_fused_adam = h.use_fused_adam
-        gaudi_config.use_fused_clip_norm = h.use_fused_clip_norm
-    # PacaTrainer's overrides call super(), so they sit in front of GaudiTrainer's.
-    cls = type("PacaGaudiTrainer", (PacaTrainer, GaudiTrainer), {})
-    return cls(model=model, gaudi_config=gaudi_config, args=args, **trainer_kwargs)
+        # PaCA's GaudiConfig with the [hpu] flags; autocast only when [train].precision
+        # asks for bf16 (use_torch_autocast=True would autocast an fp32 experiment too)
+        gaudi_config = gaudi_config_for_paca(
+            use_torch_autocast=exp.train.precision == "bf16",
+            use_fused_adam=h.use_fused_adam,
+            use_fused_clip_norm=h.use_fused_clip_norm,
+        )
+    try:
+        return make_gaudi_trainer(
+            model,
+            args,
+            gaudi_config,
+            backend=backend,
+            adapter_checkpoints=True,
+            **trainer_kwargs,
+        )
+    except GaudiSettingsError as exc:
+        raise ExperimentError(
+            f"{exc} (paca run sets use_lazy_mode from [hpu].lazy_mode, bf16 from "
+            f"[train].precision and deepspeed from [train].deepspeed)"
+        ) from None

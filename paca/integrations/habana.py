@@ -14,13 +14,17 @@ care, and this module handles them:
   them before training starts, saying what to change.
 * **a GaudiConfig** matching the PaCA authors' Gaudi run (:func:`gaudi_config_for_paca`).
 
-optimum-habana imports the Gaudi SDK, so it is imported only inside the functions
-that need it. None of this has run on a Gaudi; see ``docs/backends/hpu.md``.
+:func:`make_gaudi_trainer` does all three; it is the one GaudiTrainer builder, used by
+your own scripts and by ``paca run`` on an HPU backend (which passes the settings of the
+experiment's ``[hpu]`` section). optimum-habana imports the Gaudi SDK, so it is imported
+only inside the functions that need it. None of this has run on a Gaudi; see
+``docs/backends/hpu.md``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -29,6 +33,8 @@ from transformers import TrainerCallback
 
 if TYPE_CHECKING:  # pragma: no cover
     from paca.backend_abc import Backend
+
+logger = logging.getLogger("paca")
 
 INSTALL_HINT = "install it with `pip install paca[hpu]` (optimum-habana) on a Gaudi machine"
 
@@ -50,7 +56,12 @@ def gaudi_config_for_paca(**overrides: Any) -> Any:
         from optimum.habana import GaudiConfig
     except ImportError as exc:
         raise ImportError(f"optimum-habana is not installed; {INSTALL_HINT}") from exc
-    return GaudiConfig(**{**PACA_GAUDI_CONFIG, **overrides})
+    config = GaudiConfig()
+    # GaudiConfig.__init__ only stores its keyword arguments as attributes: setting them
+    # afterwards gives the same config (and works with stand-ins that take none).
+    for key, value in {**PACA_GAUDI_CONFIG, **overrides}.items():
+        setattr(config, key, value)
+    return config
 
 
 def _deepspeed_zero_stage(deepspeed: Any) -> int | None:
@@ -149,28 +160,49 @@ class PacaGaudiCallback(TrainerCallback):
 
 
 def make_gaudi_trainer(
-    model: Any, args: Any, gaudi_config: Any = None, **trainer_kwargs: Any
+    model: Any,
+    args: Any,
+    gaudi_config: Any = None,
+    *,
+    backend: Backend | None = None,
+    adapter_checkpoints: bool = False,
+    **trainer_kwargs: Any,
 ) -> Any:
     """A ``GaudiTrainer`` for a :class:`~paca.model.PacaModel`, checked and wired for PaCA.
 
-    ``args`` is a ``GaudiTrainingArguments``; ``gaudi_config`` defaults to
-    :func:`gaudi_config_for_paca`; other keyword arguments go to ``GaudiTrainer``.
+    ``args`` is a ``GaudiTrainingArguments``, checked by :func:`check_gaudi_args` (its
+    notes are logged); :class:`PacaGaudiCallback` is added to the callbacks, so in lazy
+    mode only the trainer marks the steps. ``gaudi_config``: a ``GaudiConfig``; by default
+    the one ``args.gaudi_config_name`` names (GaudiTrainer reads it) or, without one,
+    :func:`gaudi_config_for_paca`. ``backend``: the paca backend the run computes with,
+    for a model that is not a PacaModel (a PEFT or fully fine-tuned model in ``paca
+    run``); a PacaModel's own by default. ``adapter_checkpoints``: put
+    :class:`~paca.integrations.transformers.PacaTrainer` in front of ``GaudiTrainer``, so
+    checkpoints hold only the PaCA adapter (as ``paca run``'s do). Other keyword
+    arguments go to ``GaudiTrainer``.
     """
-    backend = getattr(model, "backend", None)
+    backend = backend if backend is not None else getattr(model, "backend", None)
     if backend is None:
         raise TypeError(
-            f"make_gaudi_trainer expects a PacaModel (from paca.wrap), got {type(model).__name__}"
+            f"make_gaudi_trainer expects a PacaModel (from paca.wrap), got "
+            f"{type(model).__name__}; for another model pass backend= (the paca backend "
+            f"it runs on)"
         )
     try:
         from optimum.habana import GaudiTrainer
     except ImportError as exc:
         raise ImportError(f"optimum-habana is not installed; {INSTALL_HINT}") from exc
-    check_gaudi_args(args, backend)
+    for note in check_gaudi_args(args, backend):
+        logger.warning("GaudiTrainer: %s", note)
+    if gaudi_config is None and not getattr(args, "gaudi_config_name", None):
+        gaudi_config = gaudi_config_for_paca()
+    trainer_cls = GaudiTrainer
+    if adapter_checkpoints:
+        from paca.integrations.transformers import PacaTrainer
+
+        # PacaTrainer's overrides call super(), so they sit in front of GaudiTrainer's.
+        trainer_cls = type("PacaGaudiTrainer", (PacaTrainer, GaudiTrainer), {})
     callbacks = [*(trainer_kwargs.pop("callbacks", None) or []), PacaGaudiCallback(backend)]
-    return GaudiTrainer(
-        model=model,
-        args=args,
-        gaudi_config=gaudi_config if gaudi_config is not None else gaudi_config_for_paca(),
-        callbacks=callbacks,
-        **trainer_kwargs,
+    return trainer_cls(
+        model=model, args=args, gaudi_config=gaudi_config, callbacks=callbacks, **trainer_kwargs
     )
