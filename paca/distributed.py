@@ -584,8 +584,9 @@ def launch(nproc: int, argv: list[str], module: str = "paca") -> int:
 
 def deepspeed_config(stage: int, gaudi: bool = False) -> dict[str, Any]:
     """A DeepSpeed config for the Trainer (``TrainingArguments(deepspeed=...)``) at ZeRO
-    ``stage`` (1, 2 or 3); sizes, clipping and precision are ``"auto"`` (filled in from the
-    TrainingArguments). The files in ``examples/deepspeed/`` are these configs.
+    ``stage`` (1, 2 or 3); sizes and clipping are ``"auto"`` and precision is left out, so
+    both come from the TrainingArguments. The files in ``examples/deepspeed/`` are these
+    configs.
 
     ``gaudi``: optimum-habana's Gaudi settings (bf16; no communication overlap,
     reduce-scatter or contiguous gradients at ZeRO-2, as in its own configs).
@@ -608,13 +609,15 @@ def deepspeed_config(stage: int, gaudi: bool = False) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
         "gradient_clipping": "auto",
-        "bf16": {"enabled": True if gaudi else "auto"},
         "zero_optimization": zero,
         # the Trainer's torch AdamW over the deltas (DeepSpeed's fused optimizers need
         # compiled ops; the deltas are small)
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1000,
     }
-    if not gaudi:
-        config["fp16"] = {"enabled": "auto"}
+    if gaudi:  # optimum-habana leaves mixed precision to DeepSpeed
+        config["bf16"] = {"enabled": True}
+    # Elsewhere no precision section: accelerate adds it from the TrainingArguments (bf16,
+    # fp16 or neither). ("auto" there is filled in differently by accelerate and by the
+    # Trainer's evaluate(), which then refuses the mismatch on CPU.)
     return config

@@ -165,7 +165,7 @@ def _launch(args: argparse.Namespace, exp: Any) -> int:
 
     if args.nproc < 1:
         raise UsageError(f"--nproc must be at least 1, got {args.nproc}")
-    if args.nproc == 1 and not distributed.under_torchrun():
+    if args.nproc == 1 and args.strategy != "deepspeed":  # DeepSpeed needs its launcher
         args.nproc = None
         return run(args)
     run_dir = args.run_dir

@@ -112,6 +112,25 @@ class PacaTrainer(Trainer):
             del self.model._is_accelerate_prepared
         return super().train(*args, **kwargs)
 
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """``Trainer.evaluate``, also before training under DeepSpeed ZeRO-1/2.
+
+        The stock Trainer starts a DeepSpeed *inference* engine when it evaluates before
+        ``train()``, which DeepSpeed allows at ZeRO-3 only ("ZeRO inference only makes
+        sense with ZeRO Stage 3"). Below stage 3 every rank holds the whole model, so it is
+        evaluated as it is (the data still split over the ranks and the results gathered).
+        """
+        hf_ds = getattr(self.args, "hf_deepspeed_config", None)
+        before_training = getattr(self, "is_deepspeed_enabled", False) and self.deepspeed is None
+        if not (before_training and hf_ds is not None and not hf_ds.is_zero3()):
+            return super().evaluate(*args, **kwargs)
+        self.is_deepspeed_enabled = False
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self.is_deepspeed_enabled = True
+            self.model.__dict__.pop("_is_accelerate_prepared", None)  # prepared for eval only
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Under FSDP or DeepSpeed, gather only the adapter (every rank; rank 0 writes).
 
