@@ -127,8 +127,8 @@ def test_the_walkthrough_plugin_installs_and_passes_the_suite(tmp_path, monkeypa
     report = check_backend("mydev", run_compile=False)
     assert report.ok, str(report)
     assert report["registration"].status == "passed"
-    assert report["op_delta_grad[bfloat16]"].status == "passed"
-    assert report["op_forward[float16]"].status == "skipped"  # not declared by the example
+    assert report["dtype[bfloat16]"].status == "passed"
+    assert report["shapes[float16]"].status == "skipped"  # not declared by the example
     info_row = {i.name: i for i in __import__("paca").list_backends()}["mydev"]
     assert info_row.distribution == "paca-mydev" and info_row.version == "0.1.0"
 
