@@ -196,3 +196,33 @@ def _main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     _main(sys.argv[1:])
+
+
+@pytest.mark.slow
+@needs_deepspeed
+def test_paca_run_with_zero3_matches_one_process(tmp_path):
+    """``paca run --nproc 2 --strategy deepspeed`` with the shipped ZeRO-3 config: the
+    PacaTrainer path (evaluation before training, adapter-only saves) on 2 ranks."""
+    from test_distributed_run import EXPERIMENT, _finish, _losses, _paca
+
+    from paca.experiment.runner import run_experiment
+    from paca.experiment.schema import load_experiment
+    from paca.io import read_adapter
+
+    exp_file = tmp_path / "dist.toml"
+    exp_file.write_text(EXPERIMENT.replace("steps = 24", "steps = 6"))
+    zero3 = ROOT / "examples" / "deepspeed" / "cuda_zero3.json"
+    two, log = tmp_path / "two", tmp_path / "two.log"
+    proc = _paca(log, "run", str(exp_file), "--nproc", "2", "--strategy", "deepspeed",
+                 "--set", f"train.deepspeed='{zero3}'", "--run-dir", str(two), "--no-progress")  # fmt: skip
+    _finish(proc, log, "paca run --strategy deepspeed")
+    summary = json.loads((two / "summary.json").read_text())
+    assert (summary["status"], summary["world_size"], summary["strategy"]) == (
+        "completed", 2, "deepspeed",
+    )  # fmt: skip
+    _, tensors = read_adapter(two / "adapter")
+    assert tensors["model.layers.0.self_attn.q_proj.delta"].shape[0] == 64  # full rows
+    one = run_experiment(load_experiment(exp_file), run_dir=tmp_path / "one", progress=False)
+    torch.testing.assert_close(_losses(two), _losses(tmp_path / "one"), rtol=2e-4, atol=2e-4)
+    for key in ("eval_loss_before", "eval_loss"):
+        assert summary[key] == pytest.approx(one.summary[key], rel=1e-4), key

@@ -113,16 +113,17 @@ class PacaTrainer(Trainer):
         return super().train(*args, **kwargs)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
-        """``Trainer.evaluate``, also before training under DeepSpeed ZeRO-1/2.
+        """``Trainer.evaluate``, also before training under DeepSpeed.
 
-        The stock Trainer starts a DeepSpeed *inference* engine when it evaluates before
-        ``train()``, which DeepSpeed allows at ZeRO-3 only ("ZeRO inference only makes
-        sense with ZeRO Stage 3"). Below stage 3 every rank holds the whole model, so it is
-        evaluated as it is (the data still split over the ranks and the results gathered).
+        Before ``train()`` the stock Trainer evaluates through a DeepSpeed *inference*
+        engine: at ZeRO-1/2 DeepSpeed refuses that ("ZeRO inference only makes sense with
+        ZeRO Stage 3"), and at ZeRO-3 ``train()`` then reuses that engine, which has no
+        optimizer. A PaCA model is never partitioned before training (``paca.wrap``
+        refuses a ``zero.Init`` model), so every rank holds all of it and it is evaluated
+        as it is (the data still split over the ranks and the results gathered).
         """
-        hf_ds = getattr(self.args, "hf_deepspeed_config", None)
         before_training = getattr(self, "is_deepspeed_enabled", False) and self.deepspeed is None
-        if not (before_training and hf_ds is not None and not hf_ds.is_zero3()):
+        if not before_training or distributed.is_sharded_model(self.model):
             return super().evaluate(*args, **kwargs)
         self.is_deepspeed_enabled = False
         try:
