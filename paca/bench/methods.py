@@ -1,18 +1,24 @@
-"""The four methods compared, built from identical base weights, by one builder.
+"""The methods compared, built from identical base weights, by one builder.
 
 * ``paca``: :func:`paca.wrap` with ``r`` columns on the target layers.
-* ``lora``: PEFT LoRA with the same ``r`` and targets, ``lora_alpha = r`` (scaling 1, the
-  experiment runner's default; alpha only sets the scalar LoRA multiplies its output by,
-  so it does not change what a step costs) and dropout 0 (PEFT then uses an identity and
-  saves no dropout mask: LoRA's most memory-friendly setting).
+* ``lora``: PEFT LoRA with the same ``r`` and targets, ``lora_alpha = r`` unless an
+  ``alpha`` is given (scaling 1: the LoRA update is as large as the learning rate makes
+  it, as PaCA's is; alpha only sets the scalar LoRA multiplies its output by, so it does
+  not change what a step costs) and dropout 0 unless given (PEFT then uses an identity
+  and saves no dropout mask: LoRA's most memory-friendly setting).
 * ``full``: every weight trained.
-* ``frozen``: every weight frozen, gradients flow to the input (the embeddings' output
-  for a transformers model). Nothing is learned; it is the cost of backpropagating
-  through the network at all, which no adapter can go below.
+* ``frozen``: every weight frozen. ``paca bench`` (:func:`build_method`) also makes the
+  gradients flow to the input (the embeddings' output for a transformers model): nothing
+  is learned; it is the cost of backpropagating through the network at all, which no
+  adapter can go below.
+* ``qpaca`` / ``qlora``: the base's linear layers (all but the head) in 4-bit NF4
+  (:func:`paca.quantize_nf4`), then ``paca`` / ``lora``.
 
-:func:`apply_method` is the one builder: ``paca bench`` applies it to a LLaMA-style model
-(:func:`build_method`) and the CUDA micro-benchmark (``python -m paca_cuda.bench``) to a
-stack of ``nn.Linear`` layers, so both compare the same four things.
+:func:`apply_method` is the one builder: ``paca run`` applies it to the experiment's
+model (:func:`paca.experiment.methods.prepare`, with the ``[method]`` section's options),
+``paca bench`` to a LLaMA-style model (:func:`build_method`) and the CUDA
+micro-benchmark (``python -m paca_cuda.bench``) to a stack of ``nn.Linear`` layers, so
+all three compare the same things.
 """
 
 from __future__ import annotations
@@ -56,25 +62,43 @@ def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def lora_config(r: int, targets: Sequence[str], task_type: str | None = None) -> Any:
-    """The PEFT ``LoraConfig`` of the LoRA baseline (alpha = r, dropout 0)."""
+def lora_config(
+    r: int,
+    targets: Sequence[str] | str,
+    task_type: str | None = None,
+    *,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    exclude: Sequence[str] | str | None = None,
+    modules_to_save: Sequence[str] | None = None,
+) -> Any:
+    """The PEFT ``LoraConfig`` of the LoRA method (alpha = r and dropout 0 by default)."""
     try:
         from peft import LoraConfig
-    except ImportError as exc:  # pragma: no cover - peft is in the bench and test extras
-        raise RuntimeError(
-            "the LoRA baseline needs PEFT: pip install peft (or paca[bench]), or leave "
-            "'lora' out of the methods"
-        ) from exc
+    except ImportError:  # pragma: no cover - peft is in the bench and test extras
+        raise ImportError(
+            "method 'lora' (and 'qlora') needs PEFT: pip install peft (or paca[bench])"
+        ) from None
+    options: dict[str, Any] = {}
+    if exclude:  # LoraConfig has exclude_modules from PEFT 0.14 on
+        options["exclude_modules"] = _names(exclude)
     return LoraConfig(
         r=r,
-        lora_alpha=r,
-        lora_dropout=0.0,
-        target_modules=list(targets),
+        lora_alpha=alpha if alpha else r,
+        lora_dropout=dropout,
+        target_modules=_names(targets),
+        modules_to_save=list(modules_to_save or []) or None,
         task_type=task_type,
+        **options,
     )
 
 
-def _inputs_require_grad(model: nn.Module) -> None:
+def _names(names: Sequence[str] | str | None) -> list[str] | str | None:
+    """A list of module names, or a string (a regex or ``"all-linear"``) as it is."""
+    return names if names is None or isinstance(names, str) else list(names)
+
+
+def inputs_require_grad(model: nn.Module) -> None:
     """Make the input embeddings' output require grad, so backward reaches layer 0."""
 
     def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
@@ -88,14 +112,27 @@ def apply_method(
     model: nn.Module,
     *,
     r: int,
-    targets: Sequence[str],
+    targets: Sequence[str] | str,
     backend: Backend,
     seed: int = 0,
     move_to_device: bool = True,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    exclude: Sequence[str] | str | None = None,
+    modules_to_save: Sequence[str] | None = None,
+    selection: str = "random",
+    task_type: str | None = "auto",
 ) -> nn.Module:
-    """``model`` prepared for method ``name`` (see the module docstring); on ``backend``'s
-    device unless ``move_to_device`` is False (the CUDA micro-benchmark runs the CUDA
-    backend's code on CPU tensors in its smoke mode)."""
+    """``model`` prepared for method ``name`` (see the module docstring), in training mode.
+
+    ``r``, ``targets``, ``exclude`` and ``modules_to_save`` mean the same for PaCA and
+    LoRA; ``seed`` and ``selection`` choose PaCA's columns; ``alpha`` and ``dropout`` are
+    LoRA's (alpha: r when None or 0). ``task_type``: PEFT's; ``"auto"`` is ``CAUSAL_LM``
+    for a model with input embeddings. The model ends up on ``backend``'s device unless
+    ``move_to_device`` is False (the CUDA micro-benchmark runs the CUDA backend's code on
+    CPU tensors in its smoke mode). Errors of :func:`paca.wrap` (e.g.
+    :class:`paca.ModulesToSaveError`) pass through.
+    """
     device = backend.device()
     if name in ("qpaca", "qlora"):  # every linear but the head to NF4, then PaCA / LoRA
         from paca.layers_quant import quantize_nf4
@@ -105,20 +142,34 @@ def apply_method(
     if name == "paca":
         from paca import PacaConfig, wrap
 
-        pcfg = PacaConfig(r=r, target_modules=list(targets), seed=seed)
+        pcfg = PacaConfig(
+            r=r,
+            target_modules=_names(targets),
+            exclude_modules=_names(exclude) or None,
+            seed=seed,
+            selection=selection,
+            modules_to_save=list(modules_to_save or []) or None,
+        )
         model = wrap(model, pcfg, backend=backend, move_to_device=move_to_device)
     elif name == "lora":
         from peft import get_peft_model
 
-        task = "CAUSAL_LM" if hasattr(model, "get_input_embeddings") else None
-        cfg = lora_config(r, targets, task)
+        if task_type == "auto":
+            task_type = "CAUSAL_LM" if hasattr(model, "get_input_embeddings") else None
+        cfg = lora_config(
+            r,
+            targets,
+            task_type,
+            alpha=alpha,
+            dropout=dropout,
+            exclude=exclude,
+            modules_to_save=modules_to_save,
+        )
         model = get_peft_model(model.to(device) if move_to_device else model, cfg)
     elif name == "full":
         model.requires_grad_(True)
     elif name == "frozen":
         model.requires_grad_(False)
-        if hasattr(model, "get_input_embeddings"):
-            _inputs_require_grad(model)
     else:
         raise ValueError(f"unknown benchmark method {name!r}")
     if move_to_device:
@@ -209,6 +260,8 @@ def build_method(name: str, config: BenchConfig, backend: Backend) -> MethodSetu
         backend=backend,
         seed=config.seed,
     )
+    if name == "frozen" and hasattr(model, "get_input_embeddings"):
+        inputs_require_grad(model)  # the lower bound still backpropagates to the input
     trainable, total = _count(model)
     return MethodSetup(
         name=name,

@@ -1,7 +1,10 @@
 """The four ways an experiment can fine-tune: ``paca``, ``lora`` (PEFT), ``full``, ``frozen``.
 
-Each method returns the model the Trainer trains plus a function that saves what was
-learned, so the runner treats them alike and comparisons use the same targets.
+The model is built by the one method builder, :func:`paca.bench.methods.apply_method`,
+that ``paca bench`` and the CUDA micro-benchmark use too, with the ``[method]``
+section's options (LoRA alpha: ``[method].alpha``, else ``r``). :func:`prepare` returns
+the model the Trainer trains plus a function that saves what was learned, so the runner
+treats the methods alike and comparisons use the same targets.
 """
 
 from __future__ import annotations
@@ -36,67 +39,39 @@ def _counts(model: nn.Module) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-def prepare_paca(model: nn.Module, section: MethodSection, seed: int, backend: Any) -> Prepared:
+def _build(model: nn.Module, section: MethodSection, seed: int, backend: Any) -> nn.Module:
+    """``model`` with ``section``'s method applied by the one builder, on ``backend``."""
     import paca
+    from paca.bench.methods import apply_method
 
-    config = paca.PacaConfig(
-        r=section.r,
-        target_modules=section.target_modules,
-        exclude_modules=section.exclude_modules or None,
-        seed=section.seed if section.seed >= 0 else seed,
-        selection=section.selection,
-        modules_to_save=section.modules_to_save or None,
-    )
     try:
-        pm = paca.wrap(model, config, backend=backend)
+        return apply_method(
+            section.name,
+            model,
+            r=section.r,
+            targets=section.target_modules,
+            backend=backend,
+            seed=section.seed if section.seed >= 0 else seed,
+            alpha=section.alpha or None,
+            dropout=section.dropout,
+            exclude=section.exclude_modules,
+            modules_to_save=section.modules_to_save,
+            selection=section.selection,
+            task_type=None,  # a PeftModel of the model's own class (any task)
+        )
     except paca.ModulesToSaveError as e:
         raise ExperimentError(f"[method].modules_to_save: {e}") from None
 
-    def save(run_dir: Path) -> Path:
-        folder = run_dir / "adapter"
-        pm.save_pretrained(str(folder))  # modules_to_save copies included
-        return folder
 
-    trainable, total = pm.trainable_parameters()
-    scale = section.alpha / section.r if section.alpha else 1.0
-    return Prepared(pm, trainable, total, scale, save)
-
-
-def prepare_lora(model: nn.Module, section: MethodSection, seed: int, backend: Any) -> Prepared:
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise ImportError("method 'lora' needs PEFT: pip install peft") from None
-    config = LoraConfig(
-        r=section.r,
-        lora_alpha=section.alpha or section.r,
-        lora_dropout=section.dropout,
-        target_modules=section.target_modules,
-        exclude_modules=section.exclude_modules or None,
-        modules_to_save=section.modules_to_save or None,
-    )
-    model = model.to(backend.device())
-    peft_model = get_peft_model(model, config)
+def _saver(model: nn.Module, folder_name: str) -> Callable[[Path], Path]:
+    """Saves ``model`` (its ``save_pretrained``, else a safetensors state dict) into
+    ``RUN_DIR/folder_name``: the adapter of a PaCA/PEFT model, the whole model otherwise."""
 
     def save(run_dir: Path) -> Path:
-        folder = run_dir / "adapter"
-        peft_model.save_pretrained(str(folder))
-        return folder
-
-    trainable, total = _counts(peft_model)
-    return Prepared(peft_model, trainable, total, 1.0, save)
-
-
-def prepare_full(model: nn.Module, section: MethodSection, seed: int, backend: Any) -> Prepared:
-    model = model.to(backend.device())
-    for p in model.parameters():
-        p.requires_grad_(True)
-
-    def save(run_dir: Path) -> Path:
-        folder = run_dir / "model"
+        folder = run_dir / folder_name
         saver = getattr(model, "save_pretrained", None)
         if saver is not None:
-            saver(str(folder))
+            saver(str(folder))  # a PaCA adapter includes its modules_to_save copies
         else:
             from safetensors.torch import save_file
 
@@ -107,14 +82,30 @@ def prepare_full(model: nn.Module, section: MethodSection, seed: int, backend: A
             )
         return folder
 
+    return save
+
+
+def prepare_paca(model: nn.Module, section: MethodSection, seed: int, backend: Any) -> Prepared:
+    pm = _build(model, section, seed, backend)
+    trainable, total = pm.trainable_parameters()
+    scale = section.alpha / section.r if section.alpha else 1.0
+    return Prepared(pm, trainable, total, scale, _saver(pm, "adapter"))
+
+
+def prepare_lora(model: nn.Module, section: MethodSection, seed: int, backend: Any) -> Prepared:
+    peft_model = _build(model, section, seed, backend)
+    trainable, total = _counts(peft_model)
+    return Prepared(peft_model, trainable, total, 1.0, _saver(peft_model, "adapter"))
+
+
+def prepare_full(model: nn.Module, section: MethodSection, seed: int, backend: Any) -> Prepared:
+    model = _build(model, section, seed, backend)
     trainable, total = _counts(model)
-    return Prepared(model, trainable, total, 1.0, save)
+    return Prepared(model, trainable, total, 1.0, _saver(model, "model"))
 
 
 def prepare_frozen(model: nn.Module, section: MethodSection, seed: int, backend: Any) -> Prepared:
-    model = model.to(backend.device())
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model = _build(model, section, seed, backend)
     _, total = _counts(model)
     return Prepared(model, 0, total, 1.0, lambda run_dir: None, trains=False)
 
