@@ -1,38 +1,34 @@
-"""The facts a benchmark result needs next to it to mean anything."""
+"""The facts a benchmark result needs next to it to mean anything.
+
+They are paca's one environment record (:func:`paca.environment.record`, the same facts
+``paca run`` writes to ``environment.json``) under the key names of ``bench.json``'s
+schema (``paca-bench/1``): ``timestamp_utc``, ``versions``, ``backend`` (the backend's
+``describe()``), ``load_average_start``, ``env``; the other facts keep the record's names.
+"""
 
 from __future__ import annotations
 
-import datetime as _dt
-import os
-import platform
 from typing import Any
 
-import torch
-
 from paca.backend_abc import Backend
-from paca.environment import cpu_model, library_versions, load_average, total_memory_bytes
+from paca.environment import cpu_model, load_average, record, total_memory_bytes
 
 __all__ = ["cpu_model", "environment", "load_average", "total_memory_bytes"]
 
+#: The record's key -> its name in ``bench.json``.
+BENCH_NAMES = {
+    "started": "timestamp_utc",
+    "libraries": "versions",
+    "describe": "backend",
+    "load_average": "load_average_start",
+    "settings": "env",
+}
+#: Left out: the backend's name is in its description, and the command line says less
+#: than ``bench.json``'s ``config``, which holds every setting of the run.
+LEFT_OUT = ("backend", "command")
+
 
 def environment(backend: Backend) -> dict[str, Any]:
-    """Versions, machine, threads and backend description."""
-    return {
-        "timestamp_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "memory_bytes": total_memory_bytes(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_start": load_average(),
-        "versions": library_versions(
-            ("paca", "torch", "transformers", "peft", "accelerate", "numpy")
-        ),
-        "backend": backend.describe(),
-        # settings that change which kernels run or how many threads they get
-        "env": {
-            k: os.environ.get(k)
-            for k in ("PACA_BACKEND", "PACA_CUDA_KERNELS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-        },
-    }
+    """Versions, machine, threads, settings and backend description, for ``bench.json``."""
+    facts = {k: v for k, v in record(backend).items() if k not in LEFT_OUT}
+    return {BENCH_NAMES.get(k, k): v for k, v in facts.items()}
