@@ -315,24 +315,13 @@ def _flash_sdpa(
 
 @contextlib.contextmanager
 def _meta_safe() -> Iterator[None]:
-    """Two checks that read values, which meta tensors do not have: PaCA's contract check
-    compares storage pointers (all 0 on meta), and transformers looks for packed
-    sequences in ``position_ids`` (a dry run's batch is never packed: the answer is None,
-    as it is for real unpacked input)."""
-    import paca.backend_call as bc
-
-    original = bc.check_owns_storage
-
-    def check(backend: Any, member: str, what: str, got: Any, source: Any) -> None:
-        if got.is_meta or source.is_meta:
-            return
-        original(backend, member, what, got, source)
-
+    """A check that reads values, which meta tensors do not have: transformers looks for
+    packed sequences in ``position_ids`` (a dry run's batch is never packed: the answer is
+    None, as it is for real unpacked input). (PaCA's own storage check skips meta.)"""
     # On meta tensors PyTorch's SDPA falls back to the math kernel (it materializes the
     # s×s attention matrix); a device runs flash attention. (A patch of the function,
     # not a TorchFunctionMode: checkpointing recomputes in backward, outside the mode.)
     patches: list[tuple[Any, str, Any]] = [
-        (bc, "check_owns_storage", check),
         (torch.nn.functional, "scaled_dot_product_attention", _flash_sdpa),
     ]
     with contextlib.suppress(ImportError):

@@ -184,8 +184,7 @@ def require_nf4(backend: Backend, what: str) -> None:
             f"Use a backend that does (paca.use_backend('cpu') or 'cuda'), or load the model "
             f"unquantized (without a 4-bit BitsAndBytesConfig)"
         )
-    probe = getattr(backend, "capability_problem", None)
-    problem = probe(NF4) if callable(probe) else None
+    problem = backend.capability_problem(NF4)
     if problem:
         raise BackendCapabilityError(
             f"paca backend {backend.name!r} declares {NF4!r}, but it cannot be used for "
