@@ -141,16 +141,16 @@ def test_shipped_experiments_validate_with_the_paper_settings():
 
 
 def test_docs_describe_every_key():
-    import dataclasses
+    from pydantic import BaseModel
 
     from paca.experiment.schema import Experiment
 
     docs = (Path(__file__).resolve().parents[1] / "docs" / "experiments.md").read_text()
-    for section in dataclasses.fields(Experiment):
-        assert f"`{section.name}`" in docs or f"`[{section.name}]`" in docs, section.name
-        if dataclasses.is_dataclass(section.type) or isinstance(section.default_factory, type):
-            for key in dataclasses.fields(section.default_factory()):
-                assert f"| `{key.name}` |" in docs, f"[{section.name}].{key.name}"
+    for name, section in Experiment.model_fields.items():
+        assert f"`{name}`" in docs or f"`[{name}]`" in docs, name
+        if isinstance(section.annotation, type) and issubclass(section.annotation, BaseModel):
+            for key in section.annotation.model_fields:
+                assert f"| `{key}` |" in docs, f"[{name}].{key}"
 
 
 # ----------------------------------------------------------------------- data

@@ -4,283 +4,218 @@ An experiment file is TOML with the sections below. Every key is optional except
 ``[model].name``; unknown keys and wrong types are errors that name the key path
 (``[train].lr``), what was found, and what is allowed, so a typo never silently falls
 back to a default.
+
+The sections are pydantic models (``extra="forbid"``; a file is validated in strict
+mode: ``"10"`` is not an integer, though an integer is a number). pydantic finds the
+problems; :func:`experiment_from_dict` words the first one the way the file reads
+(``[train].lr``, the allowed values, a "did you mean" hint). The resolved experiment is
+written back with ``tomli_w``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import sys
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-METHODS = ("paca", "lora", "full", "frozen")
-TASKS = ("auto", "causal-lm", "image-classification")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-QUANTIZATIONS = ("none", "nf4")
-PRECISIONS = ("fp32", "bf16", "fp16")
-FORMATS = ("auto", "instruction", "text", "chat", "image")
-SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
-OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd", "adafactor")
+Method = Literal["paca", "lora", "full", "frozen"]
+Task = Literal["auto", "causal-lm", "image-classification"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Quantization = Literal["none", "nf4"]
+Precision = Literal["fp32", "bf16", "fp16"]
+Format = Literal["auto", "instruction", "text", "chat", "image"]
+Scheduler = Literal["constant", "constant_with_warmup", "linear", "cosine"]
+Optimizer = Literal["adamw_torch", "adamw_torch_fused", "sgd", "adafactor"]
 
-
-#: Names people bring from transformers/PEFT/the authors' scripts -> our key.
-_ALIASES = {
-    "learning_rate": "lr", "learnig_rate": "lr", "max_steps": "steps",
-    "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
-    "train_bs": "batch_size", "gradient_accumulation_steps": "grad_accum",
-    "accumulation_steps": "grad_accum", "lr_scheduler_type": "lr_scheduler",
-    "bf16": "precision", "fp16": "precision", "lora_r": "r", "rank": "r",
-    "lora_alpha": "alpha", "lora_dropout": "dropout", "max_seq_length": "seq_len",
-    "block_size": "seq_len", "max_seq_len": "seq_len", "model_name_or_path": "name",
-    "dataset_name": "train", "dataset_path": "train", "optim": "optimizer",
-}  # fmt: skip
+METHODS = typing.get_args(Method)
+TASKS = typing.get_args(Task)
+DTYPES = typing.get_args(Dtype)
+QUANTIZATIONS = typing.get_args(Quantization)
+PRECISIONS = typing.get_args(Precision)
+FORMATS = typing.get_args(Format)
+SCHEDULERS = typing.get_args(Scheduler)
+OPTIMIZERS = typing.get_args(Optimizer)
 
 
 class ExperimentError(ValueError):
     """An experiment file (or dict) is invalid; the message names the key path."""
 
 
-def _meta(help: str, choices: tuple[Any, ...] | None = None, minimum: float | None = None):
-    return {"help": help, "choices": choices, "min": minimum}
+class _Section(BaseModel):
+    """A table of the file: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
-@dataclass
-class ModelSection:
+class ModelSection(_Section):
     """Which pretrained model to fine-tune."""
 
-    name: str = field(
-        default="",
-        metadata=_meta(
-            "hub id, local folder, or built-in paca.tiny/tiny-llama, tiny-gpt2, tiny-vit"
-        ),
+    name: str = Field(
+        "",
+        description="hub id, local folder, or built-in paca.tiny/tiny-llama, tiny-gpt2, tiny-vit",
     )
-    task: str = field(default="auto", metadata=_meta("what the model does", TASKS))
-    dtype: str = field(
-        default="auto", metadata=_meta("dtype the weights are loaded in (auto: float32)", DTYPES)
+    task: Task = Field("auto", description="what the model does")
+    dtype: Dtype = Field("auto", description="dtype the weights are loaded in (auto: float32)")
+    tokenizer: str = Field("", description="tokenizer/processor to load ('' = same as name)")
+    revision: str = Field("", description="hub revision ('' = default branch)")
+    trust_remote_code: bool = Field(False, description="allow hub model code")
+    attn_implementation: str = Field(
+        "", description="attention kernel ('' = the library's choice), e.g. sdpa"
     )
-    tokenizer: str = field(
-        default="", metadata=_meta("tokenizer/processor to load ('' = same as name)")
+    quantization: Quantization = Field(
+        "none",
+        description="frozen base in 4-bit: 'nf4' = bitsandbytes NF4 with double quantization "
+        "(QLoRA's format; paca -> QPaCA, lora -> QLoRA)",
     )
-    revision: str = field(default="", metadata=_meta("hub revision ('' = default branch)"))
-    trust_remote_code: bool = field(default=False, metadata=_meta("allow hub model code"))
-    attn_implementation: str = field(
-        default="", metadata=_meta("attention kernel ('' = the library's choice), e.g. sdpa")
-    )
-    quantization: str = field(
-        default="none",
-        metadata=_meta(
-            "frozen base in 4-bit: 'nf4' = bitsandbytes NF4 with double quantization "
-            "(QLoRA's format; paca -> QPaCA, lora -> QLoRA)",
-            QUANTIZATIONS,
-        ),
-    )
-    options: dict[str, Any] = field(
-        default_factory=dict, metadata=_meta("keyword arguments of a built-in tiny builder")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments of a built-in tiny builder"
     )
 
 
-@dataclass
-class DataSection:
+class DataSection(_Section):
     """Where the examples come from and how they become model inputs."""
 
-    train: str = field(
-        default="paca.tiny/instructions",
-        metadata=_meta(
-            "built-in 'paca.tiny/instructions' or 'paca.tiny/images', a .jsonl/.json/.csv "
-            "file, a datasets save_to_disk folder, or a hub dataset id"
-        ),
+    train: str = Field(
+        "paca.tiny/instructions",
+        description="built-in 'paca.tiny/instructions' or 'paca.tiny/images', a "
+        ".jsonl/.json/.csv file, a datasets save_to_disk folder, or a hub dataset id",
     )
-    eval: str = field(
-        default="", metadata=_meta("held-out source (same forms); '' = eval_split or none")
+    eval: str = Field("", description="held-out source (same forms); '' = eval_split or none")
+    config_name: str = Field("", description="hub dataset configuration name")
+    train_split: str = Field("train", description="split used for training")
+    eval_split: str = Field("", description="split of the train source used for evaluation")
+    eval_fraction: float = Field(
+        0.0, ge=0, description="hold out this fraction of train when no eval is given"
     )
-    config_name: str = field(default="", metadata=_meta("hub dataset configuration name"))
-    train_split: str = field(default="train", metadata=_meta("split used for training"))
-    eval_split: str = field(
-        default="", metadata=_meta("split of the train source used for evaluation")
-    )
-    eval_fraction: float = field(
-        default=0.0,
-        metadata=_meta("hold out this fraction of train when no eval is given", minimum=0),
-    )
-    format: str = field(default="auto", metadata=_meta("how rows are turned into inputs", FORMATS))
-    text_field: str = field(default="text", metadata=_meta("column with plain text"))
-    instruction_field: str = field(default="instruction", metadata=_meta("instruction column"))
-    input_field: str = field(default="input", metadata=_meta("optional context column"))
-    response_field: str = field(
-        default="response", metadata=_meta("response column ('output' is also tried)")
-    )
-    messages_field: str = field(default="messages", metadata=_meta("chat column (list of turns)"))
-    image_field: str = field(default="image", metadata=_meta("image column ('img' is also tried)"))
-    label_field: str = field(default="label", metadata=_meta("class label column"))
-    seq_len: int = field(default=64, metadata=_meta("tokens per example (padded)", minimum=1))
-    image_size: int = field(
-        default=0, metadata=_meta("resize images to this (0 = the model's size)", minimum=0)
-    )
-    mask_prompt: bool = field(default=False, metadata=_meta("no loss on the instruction part"))
-    max_train_samples: int = field(
-        default=0, metadata=_meta("cap (0 = all); size of a built-in set", minimum=0)
-    )
-    max_eval_samples: int = field(
-        default=0, metadata=_meta("cap (0 = all); size of a built-in set", minimum=0)
-    )
-    num_labels: int = field(
-        default=0, metadata=_meta("classes (0 = from the data/model)", minimum=0)
-    )
+    format: Format = Field("auto", description="how rows are turned into inputs")
+    text_field: str = Field("text", description="column with plain text")
+    instruction_field: str = Field("instruction", description="instruction column")
+    input_field: str = Field("input", description="optional context column")
+    response_field: str = Field("response", description="response column ('output' is also tried)")
+    messages_field: str = Field("messages", description="chat column (list of turns)")
+    image_field: str = Field("image", description="image column ('img' is also tried)")
+    label_field: str = Field("label", description="class label column")
+    seq_len: int = Field(64, ge=1, description="tokens per example (padded)")
+    image_size: int = Field(0, ge=0, description="resize images to this (0 = the model's size)")
+    mask_prompt: bool = Field(False, description="no loss on the instruction part")
+    max_train_samples: int = Field(0, ge=0, description="cap (0 = all); size of a built-in set")
+    max_eval_samples: int = Field(0, ge=0, description="cap (0 = all); size of a built-in set")
+    num_labels: int = Field(0, ge=0, description="classes (0 = from the data/model)")
 
 
-@dataclass
-class MethodSection:
+class MethodSection(_Section):
     """How the model is fine-tuned."""
 
-    name: str = field(default="paca", metadata=_meta("fine-tuning method", METHODS))
-    r: int = field(default=8, metadata=_meta("PaCA columns / LoRA rank", minimum=1))
-    alpha: float = field(
-        default=0.0,
-        metadata=_meta(
-            "LoRA alpha; for PaCA the authors' scaling alpha/r, applied as a learning-rate "
-            "factor (0 = none)",
-            minimum=0,
-        ),
+    name: Method = Field("paca", description="fine-tuning method")
+    r: int = Field(8, ge=1, description="PaCA columns / LoRA rank")
+    alpha: float = Field(
+        0.0,
+        ge=0,
+        description="LoRA alpha (0 = r); for PaCA the authors' scaling alpha/r, applied as a "
+        "learning-rate factor (0 = none)",
     )
-    target_modules: list[str] | str = field(
-        default="all-linear", metadata=_meta("module names, a regex, or 'all-linear'")
+    target_modules: list[str] | str = Field(
+        "all-linear", description="module names, a regex, or 'all-linear'"
     )
-    exclude_modules: list[str] = field(default_factory=list, metadata=_meta("never adapted"))
-    modules_to_save: list[str] = field(
-        default_factory=list, metadata=_meta("modules trained in full too (e.g. a new head)")
+    exclude_modules: list[str] = Field(default_factory=list, description="never adapted")
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="modules trained in full too (e.g. a new head)"
     )
-    selection: str = field(default="random", metadata=_meta("PaCA column-selection strategy"))
-    seed: int = field(default=-1, metadata=_meta("PaCA column seed (-1 = the experiment seed)"))
-    dropout: float = field(default=0.0, metadata=_meta("LoRA dropout", minimum=0))
+    selection: str = Field("random", description="PaCA column-selection strategy")
+    seed: int = Field(-1, description="PaCA column seed (-1 = the experiment seed)")
+    dropout: float = Field(0.0, ge=0, description="LoRA dropout")
 
 
-@dataclass
-class TrainSection:
+class TrainSection(_Section):
     """Optimisation hyper-parameters (passed to transformers' Trainer)."""
 
-    steps: int = field(default=0, metadata=_meta("optimizer steps (0 = use epochs)", minimum=0))
-    epochs: float = field(default=1.0, metadata=_meta("epochs when steps = 0", minimum=0))
-    batch_size: int = field(
-        default=8, metadata=_meta("global batch size (split over ranks)", minimum=1)
-    )
-    grad_accum: int = field(default=1, metadata=_meta("gradient accumulation steps", minimum=1))
-    lr: float = field(default=1e-4, metadata=_meta("learning rate", minimum=0))
-    lr_scheduler: str = field(default="constant", metadata=_meta("schedule", SCHEDULERS))
-    warmup_steps: int = field(default=0, metadata=_meta("warm-up steps", minimum=0))
-    weight_decay: float = field(default=0.0, metadata=_meta("AdamW weight decay", minimum=0))
-    max_grad_norm: float = field(default=1.0, metadata=_meta("clip (0 = off)", minimum=0))
-    optimizer: str = field(default="adamw_torch", metadata=_meta("optimizer", OPTIMIZERS))
-    precision: str = field(default="fp32", metadata=_meta("mixed precision", PRECISIONS))
-    gradient_checkpointing: bool = field(default=False, metadata=_meta("recompute activations"))
-    logging_steps: int = field(default=10, metadata=_meta("log every N steps", minimum=1))
-    eval_steps: int = field(
-        default=0, metadata=_meta("evaluate every N steps (0 = before and after)", minimum=0)
-    )
-    eval_batch_size: int = field(default=0, metadata=_meta("0 = batch_size", minimum=0))
-    save_steps: int = field(
-        default=100, metadata=_meta("checkpoint every N steps (0 = never)", minimum=0)
-    )
-    save_total_limit: int = field(default=2, metadata=_meta("checkpoints kept", minimum=1))
-    throughput_warmup_steps: int = field(
-        default=3, metadata=_meta("first steps left out of throughput", minimum=0)
-    )
-    dataloader_workers: int = field(default=0, metadata=_meta("DataLoader workers", minimum=0))
-    deepspeed: str = field(default="", metadata=_meta("DeepSpeed JSON config path ('' = none)"))
+    steps: int = Field(0, ge=0, description="optimizer steps (0 = use epochs)")
+    epochs: float = Field(1.0, ge=0, description="epochs when steps = 0")
+    batch_size: int = Field(8, ge=1, description="global batch size (split over ranks)")
+    grad_accum: int = Field(1, ge=1, description="gradient accumulation steps")
+    lr: float = Field(1e-4, ge=0, description="learning rate")
+    lr_scheduler: Scheduler = Field("constant", description="schedule")
+    warmup_steps: int = Field(0, ge=0, description="warm-up steps")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    max_grad_norm: float = Field(1.0, ge=0, description="clip (0 = off)")
+    optimizer: Optimizer = Field("adamw_torch", description="optimizer")
+    precision: Precision = Field("fp32", description="mixed precision")
+    gradient_checkpointing: bool = Field(False, description="recompute activations")
+    logging_steps: int = Field(10, ge=1, description="log every N steps")
+    eval_steps: int = Field(0, ge=0, description="evaluate every N steps (0 = before and after)")
+    eval_batch_size: int = Field(0, ge=0, description="0 = batch_size")
+    save_steps: int = Field(100, ge=0, description="checkpoint every N steps (0 = never)")
+    save_total_limit: int = Field(2, ge=1, description="checkpoints kept")
+    throughput_warmup_steps: int = Field(3, ge=0, description="first steps left out of throughput")
+    dataloader_workers: int = Field(0, ge=0, description="DataLoader workers")
+    deepspeed: str = Field("", description="DeepSpeed JSON config path ('' = none)")
 
 
-@dataclass
-class HpuSection:
+class HpuSection(_Section):
     """Gaudi settings, used only on an HPU backend with optimum-habana."""
 
-    lazy_mode: bool = field(default=True, metadata=_meta("GaudiTrainingArguments.use_lazy_mode"))
-    gaudi_config: str = field(
-        default="", metadata=_meta("GaudiConfig hub id or path ('' = GaudiConfig())")
+    lazy_mode: bool = Field(True, description="GaudiTrainingArguments.use_lazy_mode")
+    gaudi_config: str = Field(
+        "",
+        description="GaudiConfig hub id or path ('' = PaCA's GaudiConfig with the two flags below)",
     )
-    use_hpu_graphs_for_training: bool = field(default=False, metadata=_meta("HPU graphs"))
-    use_fused_adam: bool = field(default=False, metadata=_meta("GaudiConfig.use_fused_adam"))
-    use_fused_clip_norm: bool = field(
-        default=True, metadata=_meta("GaudiConfig.use_fused_clip_norm")
-    )
+    use_hpu_graphs_for_training: bool = Field(False, description="HPU graphs")
+    use_fused_adam: bool = Field(False, description="GaudiConfig.use_fused_adam")
+    use_fused_clip_norm: bool = Field(True, description="GaudiConfig.use_fused_clip_norm")
 
 
-@dataclass
-class Experiment:
+class Experiment(_Section):
     """A whole experiment: one file, any backend."""
 
-    name: str = field(default="experiment", metadata=_meta("names the run folder"))
-    description: str = field(default="", metadata=_meta("free text, copied to the run record"))
-    seed: int = field(default=0, metadata=_meta("seed of init, data order and columns"))
-    backend: str = field(default="auto", metadata=_meta("cpu, cuda, hpu, a plugin's name, or auto"))
-    output_dir: str = field(default="runs", metadata=_meta("parent folder of run folders"))
-    model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
-    method: MethodSection = field(default_factory=MethodSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    hpu: HpuSection = field(default_factory=HpuSection)
+    name: str = Field("experiment", description="names the run folder")
+    description: str = Field("", description="free text, copied to the run record")
+    seed: int = Field(0, description="seed of init, data order and columns")
+    backend: str = Field("auto", description="cpu, cuda, hpu, a plugin's name, or auto")
+    output_dir: str = Field("runs", description="parent folder of run folders")
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    method: MethodSection = Field(default_factory=MethodSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    hpu: HpuSection = Field(default_factory=HpuSection)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
     def to_toml(self) -> str:
         """The resolved experiment as TOML (every key, defaults filled in)."""
         return dumps_toml(self.to_dict())
 
 
-# ---------------------------------------------------------------------- validation
+def dumps_toml(data: dict[str, Any]) -> str:
+    """``data`` (an experiment table) as TOML."""
+    return tomli_w.dumps(data)
+
+
+# ---------------------------------------------------------------------- error messages
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is Literal:
+        return _type_name(type(typing.get_args(tp)[0]))
     if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}s"
+        return f"a list of {_type_name(typing.get_args(tp)[0]).split(' ', 1)[-1]}s"
     if origin is dict:
         return "a table"
     return {str: "a string", int: "an integer", float: "a number", bool: "true/false"}.get(
         tp, getattr(tp, "__name__", str(tp))
     )
-
-
-def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
-    """``(ok, value)``: whether ``value`` fits ``tp`` (ints are accepted for floats)."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            ok, v = _coerce(value, arg)
-            if ok:
-                return True, v
-        return False, value
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            return False, value
-        out = []
-        for v in value:
-            ok, c = _coerce(v, item)
-            if not ok:
-                return False, value
-            out.append(c)
-        return True, out
-    if origin is dict:
-        return isinstance(value, dict), value
-    if tp is bool:
-        return isinstance(value, bool), value
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return ok, float(value) if ok else value
-    if tp is str:
-        return isinstance(value, str), value
-    raise TypeError(f"schema type {tp!r} is not supported")  # pragma: no cover
 
 
 def _describe(value: Any) -> str:
@@ -292,58 +227,117 @@ def _describe(value: Any) -> str:
     )
 
 
-def _section(cls: type, data: Any, path: str, source: str) -> Any:
-    where = f"{source}: " if source else ""
-    if not isinstance(data, dict):
-        what = f"[{path}]" if path else "the file"
-        raise ExperimentError(f"{where}{what} must be a table, got {_describe(data)}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        key_path = f"{path}.{key}" if path else key
-        if key not in fields:
-            allowed = ", ".join(fields)
-            close = difflib.get_close_matches(key, list(fields), n=1)
-            alias = _ALIASES.get(key.lower().replace("-", "_"))
-            if alias in fields:
-                close = [alias]
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ExperimentError(
-                f"{where}unknown key {_pretty(key_path)}.{hint} Allowed keys"
-                f"{' in [' + path + ']' if path else ''}: {allowed}"
-            )
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _section(tp, value, key_path, source)
-            continue
-        ok, coerced = _coerce(value, tp)
-        if not ok:
-            raise ExperimentError(
-                f"{where}{_pretty(key_path)} must be {_type_name(tp)}, got {_describe(value)}"
-            )
-        meta = fields[key].metadata
-        choices = meta.get("choices")
-        if choices and coerced not in choices:
-            close = difflib.get_close_matches(str(coerced), [str(c) for c in choices], n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ExperimentError(
-                f"{where}{_pretty(key_path)} = {coerced!r} is not allowed{hint}; "
-                f"allowed values: {', '.join(map(repr, choices))}"
-            )
-        minimum = meta.get("min")
-        if minimum is not None and isinstance(coerced, (int, float)) and coerced < minimum:
-            raise ExperimentError(
-                f"{where}{_pretty(key_path)} = {coerced!r} is too small; it must be >= {minimum}"
-            )
-        kwargs[key] = coerced
-    return cls(**kwargs)
+def _pretty(path: tuple[str, ...]) -> str:
+    """``("train", "lr")`` -> ``[train].lr`` (how the key looks in the TOML file)."""
+    return f"[{path[0]}].{path[1]}" if len(path) > 1 else path[0]
 
 
-def _pretty(key_path: str) -> str:
-    """``train.lr`` -> ``[train].lr`` (how the key looks in the TOML file)."""
-    head, _, rest = key_path.partition(".")
-    return f"[{head}].{rest}" if rest else head
+def _words(name: str) -> list[str]:
+    return [w for w in name.lower().replace("-", "_").split("_") if w]
+
+
+def _abbreviated(key: list[str], field: str) -> int:
+    """How many words of ``key`` the name ``field`` stands for (0: none): ``lr`` for
+    ``learning_rate`` (initials), ``grad_accum`` for ``gradient_accumulation_steps`` and
+    ``batch_size`` for ``per_device_train_batch_size`` (each word a prefix, in order)."""
+    words = _words(field)
+    best = 0
+    if len(words) == 1:
+        for i in range(len(key)):
+            for j in range(i + 2, len(key) + 1):
+                if "".join(w[0] for w in key[i:j]) == words[0]:
+                    best = max(best, j - i)
+    k = 0
+    for word in words:
+        while k < len(key) and not (key[k].startswith(word) or word.startswith(key[k])):
+            k += 1
+        if k == len(key):
+            return best
+        k += 1
+    return max(best, len(words))
+
+
+def _closest_key(key: str, section: type[BaseModel]) -> str | None:
+    """The key of ``section`` that ``key`` most likely means: one it abbreviates (or
+    that abbreviates it), else a close spelling (difflib), else the key one of whose
+    allowed values ``key`` is (``bf16`` -> ``precision``)."""
+    fields = list(section.model_fields)
+    words = _words(key)
+    scored = [
+        (_abbreviated(words, f), difflib.SequenceMatcher(None, key, f).ratio(), f) for f in fields
+    ]
+    best = max(scored)
+    if best[0]:
+        return best[2]
+    close = difflib.get_close_matches(key, fields, n=1)
+    if close:
+        return close[0]
+    for name, info in section.model_fields.items():
+        choices = typing.get_args(info.annotation) if _is_literal(info.annotation) else ()
+        if key.lower() in {str(c).lower() for c in choices}:
+            return name
+    return None
+
+
+def _is_literal(tp: Any) -> bool:
+    return typing.get_origin(tp) is Literal
+
+
+def _located(loc: tuple[Any, ...], data: Any) -> tuple[tuple[str, ...], Any, Any]:
+    """``(key path, annotation, value given)`` of the field an error's ``loc`` points into."""
+    head = str(loc[0])
+    info = Experiment.model_fields[head]
+    section = info.annotation
+    if len(loc) > 1 and isinstance(section, type) and issubclass(section, BaseModel):
+        key = str(loc[1])
+        return (head, key), section.model_fields[key].annotation, data[head][key]
+    return (head,), info.annotation, data[head]
+
+
+def _message(error: Any, data: Any) -> str:
+    """One pydantic error, worded as :func:`experiment_from_dict` reports it."""
+    loc, kind = tuple(error["loc"]), error["type"]
+    if kind == "model_type":
+        what = f"[{loc[0]}]" if loc else "the file"
+        return f"{what} must be a table, got {_describe(error['input'])}"
+    if kind == "extra_forbidden":
+        *where, key = (str(part) for part in loc)
+        section = Experiment.model_fields[where[0]].annotation if where else Experiment
+        close = _closest_key(key, section)
+        hint = f" Did you mean {close!r}?" if close else ""
+        table = f" in [{where[0]}]" if where else ""
+        return (
+            f"unknown key {_pretty((*where, key))}.{hint} Allowed keys{table}: "
+            f"{', '.join(section.model_fields)}"
+        )
+    path, annotation, value = _located(loc, data)
+    if kind == "literal_error":
+        choices = typing.get_args(annotation)
+        if not isinstance(value, type(choices[0])):
+            return f"{_pretty(path)} must be {_type_name(annotation)}, got {_describe(value)}"
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return (
+            f"{_pretty(path)} = {value!r} is not allowed{hint}; "
+            f"allowed values: {', '.join(map(repr, choices))}"
+        )
+    if kind == "greater_than_equal":
+        return f"{_pretty(path)} = {value!r} is too small; it must be >= {error['ctx']['ge']}"
+    return f"{_pretty(path)} must be {_type_name(annotation)}, got {_describe(value)}"
+
+
+def _first_in_file(errors: list[Any], data: Any) -> Any:
+    """The error about the key that comes first in the file."""
+
+    def position(error: Any) -> tuple[int, int]:
+        loc, table, out = error["loc"], data, []
+        for part in loc[:2]:
+            keys = list(table) if isinstance(table, dict) else []
+            out.append(keys.index(part) if part in keys else len(keys))
+            table = table.get(part) if isinstance(table, dict) else None
+        return tuple(out) if out else (-1,)
+
+    return min(errors, key=position)
 
 
 def _check_semantics(exp: Experiment, where: str) -> None:
@@ -371,8 +365,13 @@ def _check_semantics(exp: Experiment, where: str) -> None:
 
 def experiment_from_dict(data: dict[str, Any], source: str = "") -> Experiment:
     """Validate a parsed experiment table; errors name ``source`` and the key path."""
-    exp = _section(Experiment, data, "", source)
-    _check_semantics(exp, f"{source}: " if source else "")
+    where = f"{source}: " if source else ""
+    try:
+        exp = Experiment.model_validate(data, strict=True)
+    except ValidationError as exc:
+        error = _first_in_file(exc.errors(), data)
+        raise ExperimentError(where + _message(error, data)) from None
+    _check_semantics(exp, where)
     return exp
 
 
@@ -431,29 +430,3 @@ def resolve_experiment_path(name_or_path: str) -> Path:
     if stem in shipped and p.parent == Path("."):
         return shipped[stem]
     return p
-
-
-# ------------------------------------------------------------------- TOML writing
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-        return f'"{escaped}"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
-
-
-def dumps_toml(data: dict[str, Any]) -> str:
-    """Write a two-level table (top-level keys, then sections) as TOML."""
-    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
-    for key, value in data.items():
-        if isinstance(value, dict):
-            lines.append(f"\n[{key}]")
-            lines.extend(f"{k} = {_toml_value(v)}" for k, v in value.items())
-    return "\n".join(lines) + "\n"
