@@ -66,6 +66,23 @@ def test_unknown_key_names_path_suggestion_and_allowed_keys():
     assert "Allowed keys in [train]" in msg and "batch_size" in msg
 
 
+@pytest.mark.parametrize(
+    ("section", "key", "meant"),
+    [
+        ("train", "learning_rate", "lr"), ("train", "gradient_accumulation_steps", "grad_accum"),
+        ("train", "per_device_train_batch_size", "batch_size"), ("train", "max_steps", "steps"),
+        ("train", "num_train_epochs", "epochs"), ("train", "lr_scheduler_type", "lr_scheduler"),
+        ("train", "bf16", "precision"), ("train", "optim", "optimizer"),
+        ("method", "lora_alpha", "alpha"), ("method", "rank", "r"),
+        ("data", "max_seq_length", "seq_len"), ("model", "model_name_or_path", "name"),
+    ],
+)  # fmt: skip
+def test_keys_of_other_tools_suggest_ours(section: str, key: str, meant: str):
+    """transformers/PEFT names and abbreviations get a hint without a list of aliases."""
+    with pytest.raises(ExperimentError, match=rf"\[{section}\]\.{key}\. Did you mean '{meant}'\?"):
+        experiment_from_dict({"model": {"name": "x"}, section: {key: 1}})
+
+
 def test_unknown_section_is_reported():
     with pytest.raises(ExperimentError, match=r"unknown key trainer.*Did you mean 'train'"):
         experiment_from_dict({"model": {"name": "x"}, "trainer": {}})
