@@ -62,20 +62,11 @@ def add_parser(sub: Any) -> None:
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["train.lr=1e-3", "method.name=lora"]`` -> ``{"train.lr": 0.001, "method.name": "lora"}``."""
-    from paca.experiment.schema import ExperimentError, tomllib
+    """``--set`` items as experiment overrides: :func:`paca.experiment.schema.parse_overrides`
+    (imported on use, so ``paca --help`` does not load the schema)."""
+    from paca.experiment.schema import parse_overrides
 
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise ExperimentError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=1e-3")
-        try:
-            value = tomllib.loads(f"v = {text}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = text  # a bare word: take it as a string (method.name=lora)
-        out[key.strip()] = value
-    return out
+    return parse_overrides(items)
 
 
 def run(args: argparse.Namespace) -> int:

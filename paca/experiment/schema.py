@@ -414,6 +414,22 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
     return out
 
 
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["train.lr=1e-3", "method.name=lora"]`` -> ``{"train.lr": 0.001, "method.name": "lora"}``
+    (``--set KEY=VALUE`` of ``paca run`` and ``side_by_side``; VALUE is read as TOML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ExperimentError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=1e-3")
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text  # a bare word: take it as a string (method.name=lora)
+        out[key.strip()] = value
+    return out
+
+
 def shipped_experiments() -> dict[str, Path]:
     """The experiment files shipped in ``paca/experiments``, by stem."""
     folder = Path(__file__).resolve().parents[1] / "experiments"

@@ -53,7 +53,7 @@ def run_side_by_side(
 def main(argv: list[str] | None = None) -> int:
     import logging
 
-    from paca.cli.run import parse_overrides
+    from paca.experiment.schema import parse_overrides
 
     p = argparse.ArgumentParser(
         prog="python -m paca.experiment.side_by_side",
