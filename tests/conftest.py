@@ -46,10 +46,10 @@ def _no_leaked_mixed_precision():
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
 
+    from paca.environment import env_flag
+
     has_cuda = torch.cuda.is_available()
-    has_hpu = False
-    if os.environ.get("PACA_REAL_HPU") == "1":  # never true with the fake SDK
-        has_hpu = True
+    has_hpu = env_flag("PACA_REAL_HPU")  # never set with the fake SDK
     for item in items:
         if "cuda" in item.keywords and not has_cuda:
             item.add_marker(pytest.mark.skip(reason="needs an NVIDIA GPU (torch.cuda unavailable)"))

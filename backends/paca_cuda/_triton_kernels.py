@@ -19,13 +19,14 @@ so they also interpret when Triton itself was imported before the variable was s
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-INTERPRETED: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from paca.environment import env_flag
+
+#: Triton reads ``TRITON_INTERPRET`` as a boolean too (``1``, ``true``, ``yes``, ``on``).
+INTERPRETED: bool = env_flag("TRITON_INTERPRET")
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 

@@ -12,7 +12,6 @@ It uses only paca's public API (``paca.Backend``, ``paca.list_backends``,
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,6 +19,7 @@ from typing import Any, ClassVar
 
 import paca
 import torch
+from paca.environment import env_flag
 from torch import nn
 
 from paca_example_backend.trace import Trace, TraceEvent
@@ -73,7 +73,7 @@ class TraceBackend(paca.Backend):
         self.inner = inner if inner is not None else self._default_inner()
         self.trace = Trace(max_events)
         if check_finite is None:
-            check_finite = os.environ.get(CHECK_FINITE_ENV, "") in {"1", "true", "yes", "on"}
+            check_finite = env_flag(CHECK_FINITE_ENV)
         self.check_finite = check_finite
         self.sync_timing = sync_timing
 
