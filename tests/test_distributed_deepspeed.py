@@ -200,9 +200,13 @@ if __name__ == "__main__":
 
 @pytest.mark.slow
 @needs_deepspeed
-def test_paca_run_with_zero3_matches_one_process(tmp_path):
+def test_paca_run_with_zero3_matches_one_process_and_resumes(tmp_path):
     """``paca run --nproc 2 --strategy deepspeed`` with the shipped ZeRO-3 config: the
-    PacaTrainer path (evaluation before training, adapter-only saves) on 2 ranks."""
+    PacaTrainer path (evaluation before training, adapter-only saves) on 2 ranks; then the
+    run is cut back to its first checkpoint (as if killed there) and resumed from
+    DeepSpeed's own checkpoint, redoing the same steps."""
+    import shutil
+
     from test_distributed_run import EXPERIMENT, _finish, _losses, _paca
 
     from paca.experiment.runner import run_experiment
@@ -210,7 +214,11 @@ def test_paca_run_with_zero3_matches_one_process(tmp_path):
     from paca.io import read_adapter
 
     exp_file = tmp_path / "dist.toml"
-    exp_file.write_text(EXPERIMENT.replace("steps = 24", "steps = 6"))
+    exp_file.write_text(
+        EXPERIMENT.replace("steps = 24", "steps = 8").replace(
+            "save_total_limit = 1", "save_total_limit = 2"
+        )
+    )
     zero3 = ROOT / "examples" / "deepspeed" / "cuda_zero3.json"
     two, log = tmp_path / "two", tmp_path / "two.log"
     proc = _paca(log, "run", str(exp_file), "--nproc", "2", "--strategy", "deepspeed",
@@ -222,7 +230,18 @@ def test_paca_run_with_zero3_matches_one_process(tmp_path):
     )  # fmt: skip
     _, tensors = read_adapter(two / "adapter")
     assert tensors["model.layers.0.self_attn.q_proj.delta"].shape[0] == 64  # full rows
+    first = _losses(two)
     one = run_experiment(load_experiment(exp_file), run_dir=tmp_path / "one", progress=False)
-    torch.testing.assert_close(_losses(two), _losses(tmp_path / "one"), rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(first, _losses(tmp_path / "one"), rtol=2e-4, atol=2e-4)
     for key in ("eval_loss_before", "eval_loss"):
         assert summary[key] == pytest.approx(one.summary[key], rel=1e-4), key
+
+    # as if killed after checkpoint 4: the later checkpoint gone, the summary "running"
+    shutil.rmtree(two / "checkpoints" / "checkpoint-8")
+    (two / "summary.json").write_text(json.dumps({**summary, "status": "running"}))
+    log = tmp_path / "resume.log"
+    _finish(_paca(log, "run", "--resume", str(two), "--no-progress"), log, "paca run --resume")
+    resumed = json.loads((two / "summary.json").read_text())
+    assert resumed["status"] == "completed" and resumed["resumed_from"].endswith("checkpoint-4")
+    assert (resumed["world_size"], resumed["strategy"]) == (2, "deepspeed")
+    torch.testing.assert_close(_losses(two), first, rtol=2e-4, atol=2e-4)
