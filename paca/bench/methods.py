@@ -178,13 +178,11 @@ def apply_method(
     return model
 
 
-def build_base(config: BenchConfig) -> nn.Module:
-    """The random-init LLaMA-style base model (same weights for every ``seed``)."""
-    from transformers import LlamaForCausalLM
+def base_config(config: BenchConfig) -> Any:
+    """The ``LlamaConfig`` of the benchmarked base model (shape from ``config``)."""
+    from paca.tiny import VOCAB_SIZE, llama_config
 
-    from paca.tiny import VOCAB_SIZE, build_from_config, llama_config
-
-    cfg = llama_config(
+    return llama_config(
         vocab_size=config.vocab_size or VOCAB_SIZE,
         hidden=config.hidden,
         layers=config.layers,
@@ -193,7 +191,15 @@ def build_base(config: BenchConfig) -> nn.Module:
         intermediate=config.intermediate,
         max_positions=max(config.seq_search_max, max(config.probe_lengths())),
     )
-    model = build_from_config(LlamaForCausalLM, cfg, seed=config.seed)
+
+
+def build_base(config: BenchConfig) -> nn.Module:
+    """The random-init LLaMA-style base model (same weights for every ``seed``)."""
+    from transformers import LlamaForCausalLM
+
+    from paca.tiny import build_from_config
+
+    model = build_from_config(LlamaForCausalLM, base_config(config), seed=config.seed)
     return model.to(torch_dtype(config.dtype))
 
 
