@@ -130,7 +130,16 @@ def main() -> None:
     ap.add_argument("--out-features", type=int, default=2816)
     ap.add_argument("--r", type=int, default=8)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (1 on a loaded machine: OpenMP barriers of small ops otherwise "
+        "wait for a time slice, which times the load, not the op)",
+    )
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     print(
         f"nn.Linear {args.in_features}->{args.out_features}, r={args.r}, {args.dtype}, "
