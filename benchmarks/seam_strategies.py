@@ -25,11 +25,11 @@ import time
 from collections.abc import Callable
 
 import torch
+from paca_cpu import CPUBackend
 from torch import nn
 
 import paca
 from paca.testing.traffic import WriteCounter
-from paca_cpu import CPUBackend
 
 
 class Materialize(CPUBackend):

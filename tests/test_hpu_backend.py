@@ -415,9 +415,7 @@ def test_indices_must_live_on_the_device(lazy_sdk):
     with pytest.raises(ValueError, match="fixed tensor"):
         b.linear_forward(torch.randn(2, 6), w, None, delta, torch.tensor([1, 3], device="meta"))
     with pytest.raises(ValueError, match="1-D int64"):
-        b.linear_forward(
-            torch.randn(2, 6), w, None, delta, torch.tensor([1, 3], dtype=torch.int32)
-        )
+        b.linear_forward(torch.randn(2, 6), w, None, delta, torch.tensor([1, 3], dtype=torch.int32))
 
 
 def test_describe_memory_and_synchronize(lazy_sdk):

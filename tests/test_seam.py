@@ -18,13 +18,13 @@ import copy
 
 import pytest
 import torch
+from paca_cpu import CPUBackend
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import paca
 from paca.backend_abc import BackendCapabilityError, BackendContractError
 from paca.testing.traffic import WriteCounter
-from paca_cpu import CPUBackend
 
 #: What a PaCA layer step may write beyond the same layer frozen, over the weight's
 #: bytes, after subtracting the irreducible saved activation x_sel and d(delta).
@@ -159,7 +159,7 @@ def _assert_bit_exact(model: paca.PacaModel, before: list[torch.Tensor]) -> None
 def _dense_reference(model: paca.PacaModel, x: torch.Tensor) -> torch.Tensor:
     """The model's output computed with dense W_eff copies (the definition of correct)."""
     ref = copy.deepcopy(model).unload()
-    for (name, layer), (_, ref_layer) in zip(
+    for (_name, layer), (_, ref_layer) in zip(
         model.paca_layers(),
         ((n, ref.get_submodule(n)) for n, _ in model.paca_layers()),
         strict=True,

@@ -21,7 +21,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-
 #: Argument names of the values an indexed in-place op writes into its destination.
 _SOURCES = ("source", "values", "src")
 
