@@ -208,6 +208,9 @@ def test_only_the_hpu_backend_imports_habana_frameworks():
         str(p.relative_to(ROOT))
         for p in sources
         if "paca_hpu" not in p.parts
+        # the conformance suite exercises a declared 'graphs' on HPU with the SDK's own
+        # wrap_in_hpu_graph, imported inside that one check (never at import time)
+        and p.relative_to(ROOT).as_posix() != "paca/testing/_checks_capabilities.py"
         and any(n.split(".")[0] == "habana_frameworks" for n in _imports_of(p))
     ]
     assert offenders == []
