@@ -62,8 +62,11 @@ def test_one_reduced_cell_of_each_study(evidence, tmp_path: Path, study: str, me
     import study as study_mod
 
     args = [study, "--methods", *methods, "--lrs", "1e-3", "--seeds", "0", "--steps", "6",
-            "--out", str(tmp_path)]  # fmt: skip
+            "--timing-rounds", "3", "--out", str(tmp_path)]  # fmt: skip
     assert study_mod.main(args) == 0
+    timing = json.loads((tmp_path / f"{study}.timing.json").read_text())["methods"]
+    assert {m for m in methods if m != "frozen"} == set(timing)
+    assert all(t["n"] == 3 and t["median_s"] > 0 for t in timing.values())
     rows = [json.loads(x) for x in (tmp_path / f"{study}.jsonl").read_text().splitlines()]
     trained = [r for r in rows if r["method"] != "frozen"]
     assert {r["phase"] for r in trained} == {"sweep", "final"}

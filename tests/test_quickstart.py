@@ -10,6 +10,17 @@ from paca.cli.main import main
 from paca.quickstart import QuickstartSettings, default_experiment, run_quickstart
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """The default job's model is tiny: on a busy 2-core box two threads are 3-8x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_default_job_fine_tunes_the_pretrained_model_on_a_shifted_domain():
     exp = default_experiment()
     assert exp.model.name == "paca.tiny/code-llama"  # pretrained on stdlib code ...
@@ -30,3 +41,27 @@ def test_paca_run_command_prints_summary(capsys, tmp_path, monkeypatch):
     assert main(["run", "--steps", "20", "--backend", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "held-out loss:" in out and "trainable params:" in out
+
+
+@pytest.mark.slow
+def test_side_by_side_runs_paca_and_lora_on_the_default_and_writes_the_comparison(tmp_path):
+    from paca.experiment.side_by_side import DEFAULT_PAIR
+    from paca.experiment.side_by_side import main as side_by_side
+
+    assert DEFAULT_PAIR == ("tiny", "tiny-lora")
+    paca_side = default_experiment().to_dict()
+    from paca.experiment.schema import load_experiment, shipped_experiments
+
+    other = load_experiment(shipped_experiments()["tiny-lora"]).to_dict()
+    assert other["method"]["name"] == "lora" and other["model"] == paca_side["model"]
+    assert (
+        other["data"] == paca_side["data"]
+        and other["train"]["steps"] == paca_side["train"]["steps"]
+    )
+    args = ["--steps", "6", "--set", "data.max_eval_samples=32",
+            "--set", "train.throughput_warmup_steps=1", "--out", str(tmp_path)]  # fmt: skip
+    assert side_by_side(args) == 0
+    md = (tmp_path / "compare.md").read_text()
+    assert "| tiny | cpu" in md and "| tiny-lora | cpu" in md and "lora" in md
+    assert (tmp_path / "compare.png").stat().st_size > 10_000
+    assert side_by_side(args) == 1  # runs are never overwritten

@@ -62,7 +62,7 @@ from common import (  # noqa: E402
 )
 
 OUT = Path(__file__).resolve().parent / "results"
-LRS = (1e-3, 3e-3, 1e-2)
+LRS = (1e-3, 3e-3, 1e-2, 3e-2)
 SEEDS = (0, 1, 2)
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROBE_STEP = 3  # the step whose memory is probed (optimizer state exists by then)
@@ -85,6 +85,9 @@ class Study:
     seq_len: int = 128
     eval_limit: int = 0  # LM: validation chunks for the convergence curve (0 = all)
     title: str = ""
+    lrs: tuple[float, ...] = LRS  # the learning-rate grid, the same for every method
+    timing_rounds: int = 100  # rounds of the interleaved step timing
+    max_lr: float = 3e-2  # a method whose best LR is the grid's largest also tries x3, up to this
 
 
 STUDIES = {
@@ -100,8 +103,8 @@ STUDIES = {
     ),
     "llama": Study(
         "llama", "code-llama", "lm", "python-docs", LLAMA_TARGETS, "lm_head",
-        ranks=(8, 16, 32), steps=200, batch_size=8, eval_every=25, eval_limit=256,
-        title="LLaMA (3 layers, hidden 96), stdlib code -> Python docs",
+        ranks=(8, 16, 32), steps=200, batch_size=8, eval_every=25, eval_limit=256, timing_rounds=40,
+        title="LLaMA (3 layers, hidden 96), stdlib code -> Python docs", lrs=(1e-3, 3e-3, 1e-2),
     ),
 }  # fmt: skip
 
@@ -309,6 +312,53 @@ def run_one(
     return record
 
 
+def time_interleaved(
+    study: Study, methods: list[str], data: dict[str, Any], rounds: int = 40, warmup: int = 5,
+    lrs: dict[str, float] | None = None,
+) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Step times of every method measured round-robin in one process, so load hits all alike.
+
+    Each run's own median (``step_time_median_s``) is taken minutes apart from the other
+    methods' on a shared machine; here round ``k`` steps every method once (the order
+    rotates each round), with the same batches, after ``warmup`` rounds. Returns per
+    method the median, quartiles and number of timed steps.
+    """
+    import paca
+
+    paca.use_backend("cpu")
+    setups = []
+    for m in methods:
+        model, _, _, trains = prepare_method(study, m, 0)
+        if not trains:
+            continue
+        params = [p for p in model.parameters() if p.requires_grad]
+        lr = (lrs or {}).get(m, 1e-3)
+        setups.append((m, model.train(), params, torch.optim.AdamW(params, lr=lr)))
+    order = batches(_n_train(study, data), study.batch_size, warmup + rounds, 0)
+    times: dict[str, list[float]] = {m: [] for m, *_ in setups}
+    for k, idx in enumerate(order):
+        batch = _batch(study, data, idx)
+        gc.collect()
+        for j in range(len(setups)):
+            m, model, params, opt = setups[(k + j) % len(setups)]
+            gc.disable()
+            t0 = time.perf_counter()
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            elapsed = time.perf_counter() - t0
+            gc.enable()
+            if k >= warmup:
+                times[m].append(elapsed)
+    out = {}
+    for m, xs in times.items():
+        q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+        out[m] = {"median_s": statistics.median(xs), "q1_s": q[0], "q3_s": q[2], "n": len(xs)}
+    return out
+
+
 # ----------------------------------------------------------------- the protocol
 def _key(r: dict[str, Any]) -> tuple:
     return (r["method"], r["lr"], r["seed"], r["phase"], r["steps"])
@@ -334,8 +384,9 @@ def best_lrs(study: Study, records: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def run_study(
-    study: Study, out: Path, methods: list[str] | None = None, lrs: tuple[float, ...] = LRS,
+    study: Study, out: Path, methods: list[str] | None = None, lrs: tuple[float, ...] | None = None,
     seeds: tuple[int, ...] = SEEDS, steps: int | None = None, threads: int = 1,
+    timing_rounds: int | None = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """The sweep (seed ``seeds[0]``, every LR) then the seeds at each method's best LR."""
     torch.set_num_threads(threads)
@@ -347,6 +398,7 @@ def run_study(
     done = {_key(r) for r in records}
     all_methods, notes = method_list(study)
     methods = methods or all_methods
+    lrs = lrs or study.lrs
     data = load_data(study)
     steps = steps or study.steps
 
@@ -374,6 +426,14 @@ def run_study(
         for m in trained:
             do(m, lr, seeds[0], "sweep")
     chosen = best_lrs(study, [r for r in records if r["steps"] == steps])
+    # a best LR at the top of the grid is not an optimum: try the next one (x3), up to max_lr
+    tried = {m: {r["lr"] for r in records if r["method"] == m and r["phase"] == "sweep"
+                 and r["steps"] == steps} for m in trained}  # fmt: skip
+    for m in trained:
+        nxt = chosen[m] * 3
+        if chosen[m] == max(tried[m]) and nxt <= study.max_lr * 1.001:
+            do(m, float(f"{nxt:.3g}"), seeds[0], "sweep")
+    chosen = best_lrs(study, [r for r in records if r["steps"] == steps])
     for seed in seeds:  # the final runs at the chosen LR
         for m in trained:
             if seed == seeds[0]:
@@ -387,6 +447,14 @@ def run_study(
                 continue
             do(m, chosen[m], seed, "final")
     selected = [r for r in records if r["steps"] == steps and r["method"] in methods]
+    timing_file = out / f"{study.name}.timing.json"
+    print(f"[{study.name}] interleaved step timing of {len(methods) - 1} methods", flush=True)
+    rounds = timing_rounds or study.timing_rounds
+    timing = time_interleaved(study, methods, data, rounds=rounds, lrs=chosen)
+    timing_file.write_text(
+        json.dumps({"steps": steps, "rounds": rounds, "warmup_rounds": 5, "methods": timing},
+                   indent=2) + "\n"
+    )  # fmt: skip
     report(study, selected, out)
     return selected
 
@@ -396,15 +464,22 @@ def _ms(values: list[float]) -> tuple[float, float]:
     return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def aggregate(study: Study, records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per method: chosen LR, test metric mean/std over seeds, median step time, peak memory."""
+def aggregate(
+    study: Study, records: list[dict[str, Any]], timing: dict[str, Any] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Per method: chosen LR, test metric mean/std over seeds, step times, peak memory.
+
+    ``step_s`` is the interleaved median (``timing``) when there is one, else the median of
+    the runs' own medians (``run_step_s``, always kept).
+    """
     rows: dict[str, dict[str, Any]] = {}
+    chosen = best_lrs(study, records)  # finals at an LR an older, smaller sweep chose are stale
     for r in records:
-        if r["phase"] != "final":
+        if r["phase"] != "final" or (r["method"] in chosen and r["lr"] != chosen[r["method"]]):
             continue
         row = rows.setdefault(r["method"], {"runs": []})
         row["runs"].append(r)
-    for _m, row in rows.items():
+    for m, row in rows.items():
         runs = row["runs"]
         row["lr"] = runs[0]["lr"]
         row["trainable"] = runs[0]["trainable_params"]
@@ -417,7 +492,11 @@ def aggregate(study: Study, records: list[dict[str, Any]]) -> dict[str, dict[str
             row["ppl"] = _ms([x["test"]["perplexity"] for x in runs])
             row["source_loss"] = _ms([x["source_test"]["loss"] for x in runs])
         times = [x["step_time_median_s"] for x in runs if "step_time_median_s" in x]
-        row["step_s"] = statistics.median(times) if times else None
+        row["run_step_s"] = statistics.median(times) if times else None
+        row["step_s"] = row["run_step_s"]
+        if timing and m in timing:
+            row["step_s"] = timing[m]["median_s"]
+            row["step_iqr"] = (timing[m]["q1_s"], timing[m]["q3_s"])
         peaks = [x["memory"]["peak_bytes"] for x in runs if "memory" in x]
         row["peak"] = statistics.median(peaks) if peaks else None
         saved = [x["memory"]["saved_activation_bytes"] for x in runs if "memory" in x]
@@ -448,21 +527,27 @@ def sweep_table(study: Study, records: list[dict[str, Any]], methods: list[str])
             cells.append(f"**{text}**" if chosen.get(m) == lr else text)
         if any(cells):
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return f"Learning-rate sweep (seed {SEEDS[0]}, {what}; bold = chosen):\n\n" + "\n".join(lines)
+    note = (
+        f"Learning-rate sweep (seed {SEEDS[0]}, {what}; bold = chosen; the same grid for every "
+        f"method, and a method whose best was the grid's largest also ran x3 that, up to "
+        f"{study.max_lr:g}; a blank was not run):"
+    )
+    return note + "\n\n" + "\n".join(lines)
 
 
 def results_table(study: Study, rows: dict[str, dict[str, Any]], methods: list[str]) -> str:
     full = rows.get("full", {})
     if study.task == "image":
-        head = "| method | trainable | lr | test accuracy (mean ± std) | test loss | step ms | vs full | peak MiB | vs full | saved act. KiB |"
+        head = "| method | trainable | lr | test accuracy (mean ± std) | test loss | step ms | vs full | in-run step ms | peak MiB | vs full | saved act. KiB |"
     else:
-        head = "| method | trainable | lr | test loss (mean ± std) | perplexity | code loss (forgetting) | step ms | vs full | peak MiB | vs full | saved act. KiB |"
+        head = "| method | trainable | lr | test loss (mean ± std) | perplexity | code loss (forgetting) | step ms | vs full | in-run step ms | peak MiB | vs full | saved act. KiB |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for m in methods:
         if m not in rows:
             continue
         r = rows[m]
         step = f"{r['step_s'] * 1000:.2f}" if r["step_s"] else "-"
+        run_step = f"{r['run_step_s'] * 1000:.1f}" if r["run_step_s"] else "-"
         peak = f"{r['peak'] / 2**20:.2f}" if r["peak"] else "-"
         saved = f"{r['saved'] / 1024:,.0f}" if r["saved"] is not None else "-"
         lr = f"{r['lr']:g}" if m != "frozen" else "-"
@@ -472,12 +557,12 @@ def results_table(study: Study, rows: dict[str, dict[str, Any]], methods: list[s
         if study.task == "image":
             acc = f"{r['acc'][0]:.4f} ± {r['acc'][1]:.4f}"
             loss = f"{r['loss'][0]:.3f}"
-            lines.append(f"| {name} | {r['trainable']:,} | {lr} | {acc} | {loss} | {step} | {t_ratio} | {peak} | {m_ratio} | {saved} |")  # fmt: skip
+            lines.append(f"| {name} | {r['trainable']:,} | {lr} | {acc} | {loss} | {step} | {t_ratio} | {run_step} | {peak} | {m_ratio} | {saved} |")  # fmt: skip
         else:
             loss = f"{r['loss'][0]:.4f} ± {r['loss'][1]:.4f}"
             ppl = f"{r['ppl'][0]:.3f}"
             src = f"{r['source_loss'][0]:.3f}"
-            lines.append(f"| {name} | {r['trainable']:,} | {lr} | {loss} | {ppl} | {src} | {step} | {t_ratio} | {peak} | {m_ratio} | {saved} |")  # fmt: skip
+            lines.append(f"| {name} | {r['trainable']:,} | {lr} | {loss} | {ppl} | {src} | {step} | {t_ratio} | {run_step} | {peak} | {m_ratio} | {saved} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -544,7 +629,11 @@ def plot(study: Study, records: list[dict[str, Any]], rows: dict[str, Any], meth
         ax.set_ylim(lo - 0.05, hi + 0.1)
     else:
         ax.set_ylim(0.0, 1.0)
-    ax.set_title(f"{study.title}: convergence (mean ± std over seeds)")
+    ax.set_title("convergence at each method's chosen lr (mean ± std over seeds)", fontsize=10)
+    fig.suptitle(study.title)
+    if study.task == "lm" and "scratch" in rows:
+        ax.text(0.99, 0.99, "scratch starts at 5.6 and ends near 2.4: off the chart",
+                transform=ax.transAxes, ha="right", va="top", fontsize=7, color="grey")  # fmt: skip
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     timed = [m for m in shown if rows[m]["step_s"]]
@@ -576,7 +665,11 @@ def report(study: Study, records: list[dict[str, Any]], out: Path) -> Path:
     """Write ``STUDY.md`` (sweep, results, PaCA-vs-LoRA pairs) and ``STUDY.png``."""
     methods, notes = method_list(study)
     methods = [m for m in methods if any(r["method"] == m for r in records)]
-    rows = aggregate(study, records)
+    timing_file = out / f"{study.name}.timing.json"
+    timing_doc = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
+    timing = timing_doc.get("methods")
+    rounds = timing_doc.get("rounds", study.timing_rounds)
+    rows = aggregate(study, records, timing)
     steps = records[0]["steps"] if records else study.steps
     seeds = sorted({r["seed"] for r in records if r["phase"] == "final"})
     text = [
@@ -586,9 +679,14 @@ def report(study: Study, records: list[dict[str, Any]], out: Path) -> Path:
         f"batch {study.batch_size}"
         + (f", {study.seq_len} tokens" if study.task == "lm" else "")
         + f", AdamW, 5% warm-up + cosine, clip 1.0; seeds {', '.join(map(str, seeds))} at the "
-        f"chosen learning rate; test split. Step time: median after {WARMUP_STEPS} warm-up steps "
-        f"(forward + backward + optimizer step, 1 CPU thread); peak memory: one step, "
-        f"parameters + gradients + optimizer state + every tensor the step allocates.",
+        f"chosen learning rate; test split. Step time (forward + backward + optimizer step, "
+        f"1 CPU thread): *step ms* is the median of an interleaved timing pass (every method "
+        f"stepped round-robin in one process, {rounds} rounds after 5 warm-up rounds, so machine "
+        f"load hits all methods alike); *in-run step ms* is the median of the training runs' "
+        f"own step times (after {WARMUP_STEPS} warm-up steps), taken minutes apart on a shared "
+        f"machine, so noisier. Peak memory: one training step of each run, parameters + "
+        f"gradients + optimizer state + every tensor the step allocates; saved act.: what "
+        f"autograd keeps for backward.",
         "",
         results_table(study, rows, methods),
         "",
@@ -615,11 +713,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("study", choices=[*STUDIES, "all"])
     p.add_argument("--methods", nargs="+", default=None, help="a subset (e.g. paca-r8 lora-r4)")
-    p.add_argument("--lrs", nargs="+", type=float, default=list(LRS))
+    p.add_argument("--lrs", nargs="+", type=float, default=None, help="default: the study's grid")
     p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     p.add_argument("--steps", type=int, default=None, help="fewer steps (smoke runs)")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--timing-rounds", type=int, default=None, help="interleaved timing rounds")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from the log")
     args = p.parse_args(argv)
     for name in STUDIES if args.study == "all" else [args.study]:
@@ -630,8 +729,9 @@ def main(argv: list[str] | None = None) -> int:
             steps = args.steps or study.steps
             report(study, [r for r in recs if r["steps"] == steps], args.out)
             continue
-        run_study(study, args.out, args.methods, tuple(args.lrs), tuple(args.seeds), args.steps,
-                  args.threads)  # fmt: skip
+        lrs = tuple(args.lrs) if args.lrs else None
+        run_study(study, args.out, args.methods, lrs, tuple(args.seeds), args.steps, args.threads,
+                  args.timing_rounds)  # fmt: skip
     return 0
 
 

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run_side_by_side(
             args.experiments, args.out, overrides, args.backend, plot=not args.no_plot
         )
-    except (ValueError, FileNotFoundError, RuntimeError, TypeError) as exc:
+    except (ValueError, OSError, RuntimeError, TypeError) as exc:  # bad input: the message
         print(f"side_by_side: error: {exc}", file=sys.stderr)
         return 1
     print(result["table"])
