@@ -103,7 +103,7 @@ STUDIES = {
     ),
     "llama": Study(
         "llama", "code-llama", "lm", "python-docs", LLAMA_TARGETS, "lm_head",
-        ranks=(8, 16, 32), steps=200, batch_size=8, eval_every=25, eval_limit=256, timing_rounds=40,
+        ranks=(8, 16, 32), steps=200, batch_size=8, eval_every=25, eval_limit=256,
         title="LLaMA (3 layers, hidden 96), stdlib code -> Python docs", lrs=(1e-3, 3e-3, 1e-2),
     ),
 }  # fmt: skip
@@ -721,6 +721,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timing-rounds", type=int, default=None, help="interleaved timing rounds")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from the log")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     for name in STUDIES if args.study == "all" else [args.study]:
         study = STUDIES[name]
         if args.report_only:
