@@ -42,11 +42,18 @@ def test_pretrain_script_writes_a_loadable_recorded_checkpoint(evidence, tmp_pat
     model = load_pretrained("digits-cnn", checkpoint_dir=tmp_path)
     assert model.conv1.weight.shape == (16, 1, 3, 3)
     # the shipped record's configuration is what the script trains
-    from paca.tiny import checkpoint_record
+    from safetensors.torch import load_file
+
+    from paca.tiny import checkpoint_paths, checkpoint_record
 
     for name, spec in pretrain.SPECS.items():
         shipped = checkpoint_record(name)
         assert shipped["config"] == spec["config"] and shipped["train"] == spec["train"], name
+        weights = load_file(str(checkpoint_paths(name)[0]))
+        assert pretrain.tensors_sha256(weights) == shipped["tensors_sha256"], name
+    assert record["tensors_sha256"] == pretrain.tensors_sha256(
+        load_file(str(tmp_path / "digits-cnn.safetensors"))
+    )
 
 
 @pytest.mark.slow

@@ -13,8 +13,10 @@ documentation (``paca.data/python-docs``): see ``study.py`` and ``docs/results.m
 Each model is written as ``NAME.safetensors`` (fp32) with ``NAME.json`` beside it: the
 builder and architecture (what ``paca.tiny.load_pretrained`` rebuilds), the data, the
 seed, every hyper-parameter, this command, the library versions and the held-out
-result. One torch thread and a fixed seed make a rerun on the same software give the
-same weights; other CPUs or library versions may differ in the last bits.
+result, and ``tensors_sha256``, a hash of the weights. One torch thread and a fixed seed
+make a rerun on the same machine and software give bit-identical weights (the same
+``tensors_sha256``; checked for ``digits-cnn``); other CPUs or library versions may
+differ in the last bits.
 """
 
 from __future__ import annotations
@@ -75,6 +77,17 @@ SPECS: dict[str, dict[str, Any]] = {
                   "warmup_steps": 100, "schedule": "cosine", "augment": None},
     },
 }  # fmt: skip
+
+
+def tensors_sha256(state: dict[str, torch.Tensor]) -> str:
+    """A hash of the weights themselves (names, dtypes, shapes, bytes), independent of how
+    the file was laid out: two runs that trained the same weights give the same value."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def _build(spec: dict[str, Any], seed: int) -> torch.nn.Module:
@@ -168,6 +181,7 @@ def pretrain(
         + shlex.quote(name)
         + (f" --steps {steps}" if steps is not None else ""),
         "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+        "tensors_sha256": tensors_sha256(state),
         "environment": environment(),
     }
     (out / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
