@@ -155,9 +155,7 @@ class Backend(ABC):
             with self.columns_applied(weight, idx, delta):
                 return self.linear(x, weight, bias), x_sel
         y = self.linear(x, weight, bias)
-        y = y if y.is_contiguous() else y.contiguous()
-        y.view(-1, y.shape[-1]).addmm_(x_sel.reshape(-1, x_sel.shape[-1]), delta.to(y.dtype).t())
-        return y, x_sel
+        return _add_delta_term(y, x_sel, delta), x_sel
 
     def linear_backward(
         self,
@@ -181,10 +179,9 @@ class Backend(ABC):
                 with self.columns_applied(weight, idx, delta):
                     grad_x = self.input_grad(grad_out, weight)
             else:  # dX = dY·W, plus dY·delta added into the r trained columns
-                grad_x = self.input_grad(grad_out, weight)
-                grad_x = grad_x if grad_x.is_contiguous() else grad_x.contiguous()
-                correction = flat_g.matmul(delta.to(flat_g.dtype))
-                grad_x.view(-1, grad_x.shape[-1]).index_add_(1, idx, correction)
+                grad_x = _add_delta_input_grad(
+                    self.input_grad(grad_out, weight), flat_g, delta, idx
+                )
         if need_delta_grad:
             grad_delta = self.delta_grad(flat_g, x_sel.reshape(-1, x_sel.shape[-1]), delta.dtype)
         return grad_x, grad_delta
@@ -270,9 +267,7 @@ class Backend(ABC):
 
         x_sel = self.gather(x, idx, dim=-1)
         y = nf4_linear(x, qweight, quant_state, bias)
-        y = y if y.is_contiguous() else y.contiguous()
-        y.view(-1, y.shape[-1]).addmm_(x_sel.reshape(-1, x_sel.shape[-1]), delta.to(y.dtype).t())
-        return y, x_sel
+        return _add_delta_term(y, x_sel, delta), x_sel
 
     def quantized_linear_backward(
         self,
@@ -297,9 +292,7 @@ class Backend(ABC):
         flat_g = grad_out.reshape(-1, grad_out.shape[-1])
         if need_input_grad:
             grad_x = nf4_input_grad(grad_out, qweight, quant_state)
-            grad_x = grad_x if grad_x.is_contiguous() else grad_x.contiguous()
-            correction = flat_g.matmul(delta.to(flat_g.dtype))
-            grad_x.view(-1, grad_x.shape[-1]).index_add_(1, idx, correction)
+            grad_x = _add_delta_input_grad(grad_x, flat_g, delta, idx)
         if need_delta_grad:
             grad_delta = self.delta_grad(flat_g, x_sel.reshape(-1, x_sel.shape[-1]), delta.dtype)
         return grad_x, grad_delta
@@ -504,6 +497,23 @@ class Backend(ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} name={self.name!r} device_type={self.device_type!r}>"
+
+
+def _add_delta_term(y: torch.Tensor, x_sel: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``y + x_sel·deltaᵀ`` in place (on a contiguous ``y``): the decomposition's forward."""
+    y = y if y.is_contiguous() else y.contiguous()
+    y.view(-1, y.shape[-1]).addmm_(x_sel.reshape(-1, x_sel.shape[-1]), delta.to(y.dtype).t())
+    return y
+
+
+def _add_delta_input_grad(
+    grad_x: torch.Tensor, flat_g: torch.Tensor, delta: torch.Tensor, idx: torch.Tensor
+) -> torch.Tensor:
+    """``dX`` with ``dY·delta`` added into columns ``idx``: the decomposition's backward."""
+    grad_x = grad_x if grad_x.is_contiguous() else grad_x.contiguous()
+    correction = flat_g.matmul(delta.to(flat_g.dtype))
+    grad_x.view(-1, grad_x.shape[-1]).index_add_(1, idx, correction)
+    return grad_x
 
 
 def api_version_tuple(version: object) -> tuple[int, int] | None:
